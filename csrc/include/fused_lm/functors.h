@@ -1,0 +1,26 @@
+// Elementwise multi-tensor functors shared by the CUDA and CPU backends.
+// Each one follows the Op protocol documented in multi_tensor_apply.cuh.
+#pragma once
+#include <cstdint>
+
+#include "macros.h"
+
+namespace flm {
+
+// x_i *= s for every element of every tensor (one list, written back).
+// `scale` points at a float32 scalar in device (or host) memory, so a scale computed on the
+// GPU (a clip coefficient, 1/loss_scale) is used without a host synchronisation.
+struct ScaleOp {
+  static constexpr int kLists = 1;
+  static constexpr unsigned kWriteMask = 1u;
+  const float* scale;
+
+  struct Ctx {
+    bool skip;
+    float s;
+  };
+  FLM_HD Ctx context(int64_t /*group*/) const { return Ctx{false, *scale}; }
+  FLM_HD void operator()(const Ctx& ctx, float* v, int64_t /*index*/) const { v[0] *= ctx.s; }
+};
+
+}  // namespace flm

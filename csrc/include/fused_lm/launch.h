@@ -1,0 +1,27 @@
+// The plain-C++ boundary between the torch bindings (*.cpp, compiled by the host compiler with
+// torch's CPU headers) and the CUDA kernels (*.cu, compiled by nvcc with no torch header at all).
+// Keeping torch out of the .cu files keeps them fast to compile and lets the same sources build
+// against the CPU wheel of torch, which ships no c10/cuda or ATen/cuda headers.
+#pragma once
+#include <cstdint>
+
+namespace flm {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct LaunchTable {
+  const int64_t* table;   // device pointer, (n_tensors, lists + 2), see tensor_table.h
+  const int64_t* chunks;  // device pointer, (n_chunks, 2)
+  int64_t lists;
+  int64_t n_chunks;
+  int64_t chunk_size;
+  void* stream;           // cudaStream_t, from torch.cuda.current_stream().cuda_stream
+};
+
+// Returns a static message for a cudaError_t code (defined in csrc/cuda/common.cu).
+const char* cuda_error_string(int code);
+
+// Number of elements one chunk covers; the Python table builder uses the same value.
+constexpr int64_t kDefaultChunk = 16384;
+
+}  // namespace flm

@@ -1,0 +1,109 @@
+"""Multi-tensor scale: ``x_i *= s`` for every tensor of a list, in one launch per dtype.
+
+The first op of the multi-tensor family (the building block of gradient unscaling and clipping),
+implemented on every backend over the same tensor table (ops/_multi_tensor.py):
+
+* Triton: one program per chunk of CHUNK elements, BLOCK elements per iteration.
+* CUDA C++: csrc/cuda/multi_tensor_scale.cu (ScaleOp over multi_tensor_apply.cuh).
+* CPU C++: csrc/cpu/multi_tensor_scale.cpp (the same ScaleOp under OpenMP).
+* torch: ``torch._foreach_mul_``.
+
+Memory traffic: 2 * numel * itemsize bytes (each element read once and written once).
+The scale ``s`` may be a Python float or a one-element tensor on the tensors' device; a tensor is
+read by the kernel, so a scale computed on the GPU costs no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fused_lm import _backend, _ext
+from fused_lm.ops import _multi_tensor as mt
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+_cache = mt.TableCache()
+
+if triton is not None:
+
+    @triton.jit
+    def _scale_kernel(table_ptr, chunks_ptr, scale_ptr, DTYPE: tl.constexpr,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per chunk: look up which tensor and which slice, then stream through it.
+        pid = tl.program_id(0)
+        tensor = tl.load(chunks_ptr + 2 * pid)
+        begin = tl.load(chunks_ptr + 2 * pid + 1)
+        x_ptr = tl.load(table_ptr + tensor * 3).to(tl.pointer_type(DTYPE))   # row: addr, numel, group
+        numel = tl.load(table_ptr + tensor * 3 + 1)
+        s = tl.load(scale_ptr)
+        for i in range(0, CHUNK, BLOCK):
+            offs = begin + i + tl.arange(0, BLOCK)                          # int64: begin is int64
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            tl.store(x_ptr + offs, (x.to(tl.float32) * s).to(DTYPE), mask=mask)
+
+
+# BLOCK 1024 elements x 16 iterations = one CHUNK per program. Not yet tuned on a GPU.
+_BLOCK = 1024
+
+
+def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
+        if scale.device != device:
+            raise ValueError(f"scale is on {scale.device} but the tensors are on {device}")
+        if scale.is_complex():
+            raise TypeError("scale must be real, got a complex tensor")
+        return scale.reshape(()).to(torch.float32)
+    return torch.full((), float(scale), dtype=torch.float32, device=device)
+
+
+def _check(tensors: Sequence[torch.Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.is_sparse or t.layout != torch.strided:
+            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
+        if t.is_complex():
+            raise TypeError(f"tensors[{i}] is complex ({t.dtype}); expected a real floating dtype")
+        if not t.is_floating_point():
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a floating dtype")
+
+
+def multi_tensor_scale_(tensors: Sequence[torch.Tensor], scale: float | torch.Tensor, *,
+                        backend: str | None = None) -> None:
+    """Multiplies every tensor in ``tensors`` by ``scale`` in place, one launch per
+    (device, dtype). Non-contiguous tensors are scaled through the torch path."""
+    tensors = list(tensors)
+    _check(tensors)
+    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        which = _backend.select("multi_tensor_scale", device, dtype, backend)
+        s = _scale_tensor(scale, device)
+        dense = [t for t in group if t.is_contiguous()]
+        strided = [t for t in group if not t.is_contiguous()]
+        if strided:
+            torch._foreach_mul_(strided, s)
+        if not dense:
+            continue
+        if which == "torch":
+            torch._foreach_mul_(dense, s)
+            continue
+        table = _cache.get([dense])
+        if which == "triton":
+            _scale_kernel[(table.n_chunks,)](table.table, table.chunks, s, DTYPE=mt.tl_dtype(dtype),
+                                             CHUNK=table.chunk_size, BLOCK=_BLOCK)
+        else:
+            if which == "cuda":
+                _ext.cuda_ext()
+            else:
+                _ext.cpu_ext()
+            torch.ops.fused_lm.multi_tensor_scale_(dense, table.table, table.chunks, table.chunk_size,
+                                                   s, _ext.cuda_stream(device))
