@@ -122,6 +122,6 @@ def poison_allocations():
         torch.Tensor.new_empty = new_empty
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
+def randn(*shape: int, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
     """Fresh random normal values (never zeros), drawn in float32 then cast."""
-    return (torch.randn(*shape, device=device) * scale).to(dtype)
+    return (torch.randn(shape, device=device) * scale).to(dtype)

@@ -35,7 +35,7 @@ void cpu_multi_tensor_apply(const TensorTable& table, int64_t n_chunks, const Op
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t k = 0; k < n_chunks; ++k) {
     const ChunkView c = chunk_view(table, k);
-    const typename Op::Ctx ctx = op.context(c.group);
+    const typename Op::Ctx ctx = op.context(c);
     if (ctx.skip) continue;
     cpu_chunk<Op, Ts...>(op, ctx, c, Seq{});
   }

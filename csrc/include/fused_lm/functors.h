@@ -1,9 +1,11 @@
-// Elementwise multi-tensor functors shared by the CUDA and CPU backends.
-// Each one follows the Op protocol documented in multi_tensor_apply.cuh.
+// Elementwise multi-tensor functors of the foundation, shared by the CUDA and CPU backends.
+// Each one follows the Op protocol documented in multi_tensor_apply.cuh. Op families keep their
+// functors in their own header (optim_functors.h, norm_functors.h) so TUs stay small.
 #pragma once
 #include <cstdint>
 
 #include "macros.h"
+#include "tensor_table.h"
 
 namespace flm {
 
@@ -19,7 +21,7 @@ struct ScaleOp {
     bool skip;
     float s;
   };
-  FLM_HD Ctx context(int64_t /*group*/) const { return Ctx{false, *scale}; }
+  FLM_HD Ctx context(const ChunkView& /*c*/) const { return Ctx{false, *scale}; }
   FLM_HD void operator()(const Ctx& ctx, float* v, int64_t /*index*/) const { v[0] *= ctx.s; }
 };
 

@@ -4,7 +4,9 @@
 //   static constexpr int kLists;              number of parallel tensor lists
 //   static constexpr unsigned kWriteMask;      bit l set => list l is written back
 //   struct Ctx { bool skip; ... };             per-chunk context (hyperparameters of the group)
-//   Ctx context(int64_t group) const;          loaded once per chunk
+//   Ctx context(const ChunkView& c) const;     once per chunk: e.g. the hyperparameters of
+//                                              group c.group, the step of tensor c.tensor;
+//                                              ctx.skip = true skips the chunk (found_inf)
 //   void operator()(const Ctx&, float* v, int64_t index) const;
 //                                              float32 math on the kLists values of one element,
 //                                              `index` is the element's index in its tensor
@@ -94,7 +96,7 @@ multi_tensor_apply_kernel(TensorTable table, Op op) {
   static_assert(sizeof...(Ts) == Op::kLists, "one storage type per list");
   using Seq = std::make_index_sequence<sizeof...(Ts)>;
   const ChunkView c = chunk_view(table, blockIdx.x);
-  const typename Op::Ctx ctx = op.context(c.group);
+  const typename Op::Ctx ctx = op.context(c);
   if (ctx.skip) return;
   const int64_t stride = int64_t(blockDim.x) * kILP;
   const bool vec = all_aligned<Ts...>(c, Seq{});

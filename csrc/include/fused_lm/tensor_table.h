@@ -31,6 +31,7 @@ struct TensorTable {
 // The slice of one tensor that one chunk covers: elements [begin, end).
 struct ChunkView {
   const int64_t* row;
+  int64_t tensor;  // index of the tensor in the table (stable across steps: table order)
   int64_t begin;
   int64_t end;
   int64_t group;
@@ -44,7 +45,7 @@ FLM_HD ChunkView chunk_view(const TensorTable& t, int64_t chunk) {
   const int64_t* row = t.row(tensor);
   const int64_t numel = row[t.lists];
   const int64_t end = begin + t.chunk_size < numel ? begin + t.chunk_size : numel;
-  return ChunkView{row, begin, end, row[t.lists + 1]};
+  return ChunkView{row, tensor, begin, end, row[t.lists + 1]};
 }
 
 }  // namespace flm

@@ -1,0 +1,105 @@
+"""Multi-tensor scale (x_i *= s over a list of tensors) against torch._foreach_mul_.
+
+Bytes per call: every element is read once and written once: 2 * numel * itemsize.
+Ceiling: in-place read-modify-write bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.harness import Case, Provider, Skip, rotating
+from fused_lm import _backend
+from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
+
+
+def gpt2_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of GPT-2 small (124M): embeddings, 12 blocks, final norm."""
+    d, v, ctx = 768, 50257, 1024
+    shapes = [(v, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,),
+                   (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def tiny_shapes(count: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """``count`` tensors of 1 to 64k elements, log-uniform (many small norms and biases)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.exp(torch.rand(count, generator=g) * math.log(65536)).long().clamp(1, 65536)
+    return [(int(n),) for n in sizes]
+
+
+def _make(shapes, dtype, device):
+    return lambda: [torch.randn(s, device=device).to(dtype) for s in shapes]
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    out = []
+    lists = {"gpt2-124M": gpt2_shapes(), "tiny-10k": tiny_shapes(10_000)}
+    if quick:
+        lists = {"gpt2-124M/16": [tuple(max(1, x // 4) for x in s) for s in gpt2_shapes()],
+                 "tiny-500": tiny_shapes(500)}
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    for label, shapes in lists.items():
+        for dtype in dtypes:
+            numel = sum(math.prod(s) for s in shapes)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            nbytes = 2 * numel * itemsize  # read + write every element
+            providers = []
+            for backend in ("cuda", "triton", "cpu"):
+                providers.append(Provider(f"fused_lm-{backend}", _fused(backend, shapes, dtype, device, nbytes)))
+            providers.append(Provider("torch-foreach", _foreach(shapes, dtype, device, nbytes), reference=True))
+            providers.append(Provider("torch-eager-loop", _loop(shapes, dtype, device, nbytes)))
+            out.append(Case("multi_tensor", "scale", f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M)",
+                            str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32"),
+                            providers, bytes=nbytes, ceiling="rmw"))
+    return out
+
+
+# Scale factors alternate between s and 1/s so values stay bounded over thousands of calls.
+def _fused(backend, shapes, dtype, device, nbytes):
+    def setup():
+        reason = _backend.unavailable_reason(backend, device)
+        if reason:
+            raise Skip(reason)
+        if backend == "triton" and device.type == "cpu":
+            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        nxt = rotating(_make(shapes, dtype, device), nbytes // 2, device)
+        flip = [1.0001]
+
+        def fn():
+            flip[0] = 1.0 / flip[0]
+            multi_tensor_scale_(nxt(), flip[0], backend=backend)
+        return fn
+    return setup
+
+
+def _foreach(shapes, dtype, device, nbytes):
+    def setup():
+        nxt = rotating(_make(shapes, dtype, device), nbytes // 2, device)
+        flip = [1.0001]
+
+        def fn():
+            flip[0] = 1.0 / flip[0]
+            torch._foreach_mul_(nxt(), flip[0])
+        return fn
+    return setup
+
+
+def _loop(shapes, dtype, device, nbytes):
+    def setup():
+        nxt = rotating(_make(shapes, dtype, device), nbytes // 2, device)
+        flip = [1.0001]
+
+        def fn():
+            flip[0] = 1.0 / flip[0]
+            for t in nxt():
+                t.mul_(flip[0])
+        return fn
+    return setup
+
+
+__all__ = ["cases", "gpt2_shapes", "tiny_shapes"]
