@@ -19,6 +19,7 @@ test: build
 	@tools/run_tests.sh "$(PY)" $(PYTEST_ARGS)
 
 bench: build
+	@tools/ensure_env.sh "$(PY)" bench
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/plot.py
 

@@ -5,6 +5,7 @@
 # gets nothing installed: missing optional tools are reported, not fetched.
 set -euo pipefail
 PY="$1"
+MODE="${2:-test}"   # "bench" also installs the peers (liger-kernel, lion-pytorch), best effort
 root=$(cd "$(dirname "$0")/.." && pwd)
 TORCH_PIN="${FUSED_LM_TORCH:-torch==2.13.0}"
 TRITON_PIN="${FUSED_LM_TRITON:-triton==3.9.0}"
@@ -34,6 +35,15 @@ if [ "$PY" = "$root/.venv/bin/python" ]; then
     done
     echo "== installing: ${pins[*]}"
     "$PY" -m pip install -q "${pins[@]}"
+  fi
+  if [ "$MODE" = bench ]; then
+    peers=$(missing lion_pytorch liger_kernel | tr '\n' ' ')
+    if [ -n "${peers// /}" ]; then
+      names=$(echo "$peers" | sed 's/lion_pytorch/lion-pytorch/; s/liger_kernel/liger-kernel/')
+      echo "== installing benchmark peers: $names (best effort)"
+      # --no-deps: they must not replace the pinned torch/triton; their other needs are ours.
+      "$PY" -m pip install -q --no-deps $names || echo "note: could not install $names; their rows will say skipped"
+    fi
   fi
 else
   if ! "$PY" -c 'import torch, triton' 2>/dev/null; then
