@@ -1,0 +1,31 @@
+// multi_tensor_clamp_ on the CPU: x = min(max(x, lo), hi) over a TensorTable (ClampOp from
+// norm_functors.h, the functor the CUDA kernel runs). Also defines the op schema.
+#include "fused_lm/cpu_multi_tensor.h"
+#include "fused_lm/norm_functors.h"
+#include "fused_lm/torch_utils.h"
+
+namespace {
+
+void multi_tensor_clamp_cpu(at::TensorList tensors, const at::Tensor& table,
+                            const at::Tensor& chunks, int64_t chunk_size, double lo, double hi,
+                            int64_t /*stream*/) {
+  if (tensors.empty()) return;
+  TORCH_CHECK(table.device().is_cpu(), "fused_lm: CPU kernel got a table on ", table.device());
+  const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, 0);
+  const flm::TensorTable tt{lt.table, lt.chunks, 1, chunk_size};
+  const flm::ClampOp op{static_cast<float>(lo), static_cast<float>(hi)};
+  switch (flm::dtype_code(tensors[0].scalar_type())) {
+    case flm::DType::kFloat32: flm::cpu_multi_tensor_apply<flm::ClampOp, float>(tt, lt.n_chunks, op); break;
+    case flm::DType::kBFloat16: flm::cpu_multi_tensor_apply<flm::ClampOp, flm::bf16>(tt, lt.n_chunks, op); break;
+    case flm::DType::kFloat16: flm::cpu_multi_tensor_apply<flm::ClampOp, flm::fp16>(tt, lt.n_chunks, op); break;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
+  m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, Tensor table, Tensor chunks, int chunk_size, "
+        "float lo, float hi, int stream) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_lm, CPU, m) { m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cpu); }

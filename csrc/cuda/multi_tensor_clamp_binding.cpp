@@ -1,0 +1,24 @@
+// CUDA implementation of fused_lm::multi_tensor_clamp_ (schema in csrc/cpu/multi_tensor_clamp.cpp).
+#include "fused_lm/torch_utils.h"
+
+namespace flm {
+int launch_multi_tensor_clamp(const LaunchTable& lt, DType dtype, float lo, float hi);
+}
+
+namespace {
+
+void multi_tensor_clamp_cuda(at::TensorList tensors, const at::Tensor& table,
+                             const at::Tensor& chunks, int64_t chunk_size, double lo, double hi,
+                             int64_t stream) {
+  if (tensors.empty()) return;
+  TORCH_CHECK(table.device() == tensors[0].device(), "fused_lm: table on ", table.device(),
+              ", tensors on ", tensors[0].device());
+  const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, stream);
+  const int err = flm::launch_multi_tensor_clamp(lt, flm::dtype_code(tensors[0].scalar_type()),
+                                                 static_cast<float>(lo), static_cast<float>(hi));
+  TORCH_CHECK(err == 0, "fused_lm: multi_tensor_clamp_ launch failed: ", flm::cuda_error_string(err));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lm, CUDA, m) { m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cuda); }

@@ -1,0 +1,90 @@
+"""Multi-tensor clamp: ``x_i = min(max(x_i, lo), hi)`` in place, one launch per (device, dtype).
+
+The kernel of ``clip_grad_value_`` on every backend over the same tensor table
+(ops/_multi_tensor.py):
+
+* Triton: one program per chunk of CHUNK elements, BLOCK elements per iteration.
+* CUDA C++: csrc/cuda/multi_tensor_clamp.cu (ClampOp of norm_functors.h over multi_tensor_apply.cuh).
+* CPU C++: csrc/cpu/multi_tensor_clamp.cpp (the same ClampOp under OpenMP).
+* torch: ``torch._foreach_clamp_min_`` then ``torch._foreach_clamp_max_`` (what torch's
+  clip_grad_value_ runs: two passes).
+
+The order is torch's: clamp_min then clamp_max, so ``lo > hi`` gives ``hi`` everywhere, and NaN
+stays NaN. The bounds are rounded to float32, then the result to the storage dtype.
+Memory traffic: 2 * numel * itemsize bytes (one read, one write; torch's foreach path moves twice
+that).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fused_lm import _backend, _ext
+from fused_lm.ops import _multi_tensor as mt
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+_cache = mt.TableCache()
+
+if triton is not None:
+
+    @triton.jit
+    def _clamp_kernel(table_ptr, chunks_ptr, lo, hi, DTYPE: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        tensor = tl.load(chunks_ptr + 2 * pid)
+        begin = tl.load(chunks_ptr + 2 * pid + 1)
+        x_ptr = tl.load(table_ptr + tensor * 3).to(tl.pointer_type(DTYPE))   # row: addr, numel, group
+        numel = tl.load(table_ptr + tensor * 3 + 1)
+        for i in range(0, CHUNK, BLOCK):
+            offs = begin + i + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(x < lo, lo, x)      # comparisons with NaN are false: NaN is kept
+            x = tl.where(x > hi, hi, x)
+            tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+
+
+_BLOCK = 1024
+
+
+def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *,
+                        backend: str | None = None) -> None:
+    """Clamps every tensor of ``tensors`` to ``[lo, hi]`` in place (clamp_min then clamp_max)."""
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
+        if t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
+    lo, hi = float(lo), float(hi)
+    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
+        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
+        if not group:
+            continue
+        which = _backend.select("multi_tensor_clamp", device, dtype, backend)
+        dense = [t for t in group if t.is_contiguous()]
+        strided = [t for t in group if not t.is_contiguous()]
+        if which == "torch":
+            dense, strided = [], group
+        if strided:
+            torch._foreach_clamp_min_(strided, lo)
+            torch._foreach_clamp_max_(strided, hi)
+        if not dense:
+            continue
+        table = _cache.get([dense])
+        if which == "triton":
+            _clamp_kernel[(table.n_chunks,)](table.table, table.chunks, lo, hi, DTYPE=mt.tl_dtype(dtype),
+                                             CHUNK=table.chunk_size, BLOCK=_BLOCK)
+        else:
+            _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
+            torch.ops.fused_lm.multi_tensor_clamp_(dense, table.table, table.chunks, table.chunk_size,
+                                                   lo, hi, _ext.cuda_stream(device))

@@ -1,0 +1,279 @@
+"""Multi-tensor norm: the global p-norm of many tensors in a constant number of launches.
+
+The norm of tensors x_1..x_n viewed as one vector (what ``torch.nn.utils.get_total_norm``
+returns) is
+
+    ||x||_p = (sum_i sum_j |x_ij|^p)^(1/p)     ||x||_inf = max |x_ij|     ||x||_-inf = min |x_ij|
+
+Two passes over the tensor table (ops/_multi_tensor.py), whatever the number of tensors:
+
+1. partials: one program (Triton) / block (CUDA) / OpenMP iteration (CPU) per chunk of CHUNK
+   elements reduces its slice to ONE float32 (sum of |x|, of x^2, of |x|^p, or max/min of |x|)
+   into a per-device ``partials`` buffer. Tensors of several dtypes on one device are one launch
+   per dtype, each writing its own slice of the same buffer.
+2. finalise: one program reduces the device's partials and writes ``out = [norm, coef]`` with
+   ``coef = clamp(max_norm / (norm + 1e-6), max=1)``, the clip coefficient, so clipping needs no
+   further small launch.
+
+Accumulation is float32 for every storage dtype (bf16/fp16 values are widened on load); the
+result is a float32 0-d tensor on the first tensor's device (float64 when a tensor is float64,
+which only the torch path handles). Several devices: each device's norm is moved to the first
+tensor's device and combined there, as torch does. No host synchronisation anywhere.
+
+Bytes moved: numel * itemsize read + 4 bytes per chunk (the partials), i.e. the pass should run
+at the device's read bandwidth. Per-element math: csrc/include/fused_lm/norm_functors.h, shared by
+the CUDA and CPU kernels; the Triton kernel below writes the same formulas.
+
+Beyond torch: empty tensors are fine for every norm type (torch raises for the inf norm of an
+empty tensor); ``norm_type=0`` (not a norm) follows torch's composition exactly: the number of
+tensors that have a non-zero element (torch computes ``vector_norm(stack(per-tensor counts), 0)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from fused_lm import _backend, _ext
+from fused_lm.ops import _multi_tensor as mt
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+# Reduction kinds, as in csrc/include/fused_lm/norm_functors.h (NormKind).
+SUM_ABS, SUM_SQ, SUM_POW, MAX_ABS, MIN_ABS = 0, 1, 2, 3, 4
+
+_cache = mt.TableCache()
+
+if triton is not None:
+
+    @triton.jit
+    def _combine(a, b, KIND: tl.constexpr):
+        # NaN-propagating max / min (tl.maximum may drop NaN on a GPU); sums propagate it anyway.
+        if KIND == 3:
+            r = tl.where((a != a) | (a > b), a, b)
+        elif KIND == 4:
+            r = tl.where((a != a) | (a < b), a, b)
+        else:
+            r = a + b
+        return r
+
+    @triton.jit
+    def _reduce(acc, KIND: tl.constexpr):
+        if KIND == 3:
+            r = tl.max(acc, axis=0)
+            r = tl.where(tl.max((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), r)
+        elif KIND == 4:
+            r = tl.min(acc, axis=0)
+            r = tl.where(tl.max((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), r)
+        else:
+            r = tl.sum(acc, axis=0)
+        return r
+
+    @triton.jit
+    def _norm_partials_kernel(table_ptr, chunks_ptr, partials_ptr, p, DTYPE: tl.constexpr,
+                              KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per chunk: reduce x[begin : begin + CHUNK] of one tensor to one float32.
+        pid = tl.program_id(0)
+        tensor = tl.load(chunks_ptr + 2 * pid)
+        begin = tl.load(chunks_ptr + 2 * pid + 1)
+        x_ptr = tl.load(table_ptr + tensor * 3).to(tl.pointer_type(DTYPE))   # row: addr, numel, group
+        numel = tl.load(table_ptr + tensor * 3 + 1)
+        if KIND == 4:
+            acc = tl.full([BLOCK], float("inf"), tl.float32)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            offs = begin + i + tl.arange(0, BLOCK)                          # int64: begin is int64
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            a = tl.abs(x)
+            if KIND == 1:
+                t = x * x
+            elif KIND == 2:
+                # |x|^p = 2^(p log2|x|); masked lanes must add 0 (0^p is inf for p < 0).
+                t = tl.where(mask, tl.exp2(p * tl.log2(a)), 0.0)
+            elif KIND == 4:
+                t = tl.where(mask, a, float("inf"))
+            else:
+                t = a                                                       # masked lanes: |0| = 0
+            acc = _combine(acc, t, KIND)
+        tl.store(partials_ptr + pid, _reduce(acc, KIND))
+
+    @triton.jit
+    def _norm_finalize_kernel(partials_ptr, n, out_ptr, p, max_norm, KIND: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # One program: reduce the n partials, take the root, and the clip coefficient
+        # clamp(max_norm / (norm + 1e-6), max=1) evaluated as torch does (reciprocal, multiply;
+        # a NaN norm keeps a NaN coefficient).
+        if KIND == 4:
+            acc = tl.full([BLOCK], float("inf"), tl.float32)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, n, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            x = tl.load(partials_ptr + offs, mask=offs < n, other=0.0)
+            if KIND == 4:
+                x = tl.where(offs < n, x, float("inf"))
+            acc = _combine(acc, x, KIND)
+        r = _reduce(acc, KIND)
+        if KIND == 1:
+            norm = tl.sqrt(r)
+        elif KIND == 2:
+            norm = tl.exp2(tl.log2(r) / p)
+        else:
+            norm = r
+        coef = (1.0 / (norm + 1e-6)) * max_norm
+        coef = tl.where(coef > 1.0, 1.0, coef)
+        tl.store(out_ptr, norm)
+        tl.store(out_ptr + 1, coef)
+
+
+# BLOCK 1024 elements x 16 iterations = one CHUNK per program (as multi_tensor_scale). Not yet
+# tuned on a GPU.
+_BLOCK = 1024
+_FINAL_BLOCK = 1024
+
+
+def norm_kind(norm_type: float) -> tuple[int, float]:
+    """(reduction kind, p) of a norm type; ``norm_type=0`` is not handled here (see _count_norm)."""
+    p = float(norm_type)
+    if math.isnan(p) or p == 0.0:
+        raise ValueError(f"norm_type={norm_type!r} has no kernel reduction; expected a non-zero "
+                         f"number or +-inf")
+    if p == 1.0:
+        return SUM_ABS, p
+    if p == 2.0:
+        return SUM_SQ, p
+    if p == math.inf:
+        return MAX_ABS, p
+    if p == -math.inf:
+        return MIN_ABS, p
+    return SUM_POW, p
+
+
+def empty_norm(p: float) -> float:
+    """The norm of no elements at all: the reduction's identity after the root (0 for p > 0 and
+    inf; inf for p < 0 and -inf, where every |x|^p term would be at least 0^(1/p))."""
+    return 0.0 if p > 0 else math.inf
+
+
+def clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """clamp(max_norm / (norm + 1e-6), max=1) with torch ops, exactly as torch.nn.utils does."""
+    return torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
+
+
+def _check(tensors: Sequence[torch.Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
+        if t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
+
+
+def _launch_partials(which: str, group: list[torch.Tensor], dtype: torch.dtype, kind: int, p: float,
+                     partials: torch.Tensor, table: mt.TensorTable) -> None:
+    if which == "triton":
+        _norm_partials_kernel[(table.n_chunks,)](table.table, table.chunks, partials, p,
+                                                 DTYPE=mt.tl_dtype(dtype), KIND=kind,
+                                                 CHUNK=table.chunk_size, BLOCK=_BLOCK)
+    else:
+        _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
+        torch.ops.fused_lm.multi_tensor_norm_partials_(group, table.table, table.chunks, table.chunk_size,
+                                                       partials, kind, p, _ext.cuda_stream(partials.device))
+
+
+def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm: float) -> torch.Tensor:
+    out = torch.empty(2, dtype=torch.float32, device=partials.device)
+    if which == "triton":
+        _norm_finalize_kernel[(1,)](partials, partials.numel(), out, p, float(max_norm), KIND=kind,
+                                    BLOCK=_FINAL_BLOCK)
+    else:
+        torch.ops.fused_lm.multi_tensor_norm_finalize_(partials, out, kind, p, float(max_norm),
+                                                       _ext.cuda_stream(partials.device))
+    return out
+
+
+def _route_norms(tensors: list[torch.Tensor], kind: int, p: float, max_norm: float,
+                 backend: str | None) -> list[torch.Tensor]:
+    """One result per (device, route): a float32 (2,) tensor [norm, coef] from each kernel route
+    (one partials buffer and one finalise per device and backend), or a 0-d norm from the torch
+    route (dtypes the kernels do not take, or backend="torch")."""
+    routes: OrderedDict[tuple, list[tuple[torch.dtype, list[torch.Tensor]]]] = OrderedDict()
+    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
+        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
+        if not group:
+            continue
+        which = _backend.select("multi_tensor_norm", device, dtype, backend)
+        routes.setdefault((device, which), []).append((dtype, group))
+    results = []
+    for (device, which), buckets in routes.items():
+        if which == "torch":
+            for dtype, group in buckets:
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                norms = torch._foreach_norm(group, p, dtype=acc)
+                results.append(torch.linalg.vector_norm(torch.stack(norms), p))
+            continue
+        # Reads only: a non-contiguous tensor is read through a contiguous copy.
+        dense = [[t if t.is_contiguous() else t.contiguous() for t in group] for _, group in buckets]
+        tables = [_cache.get([g]) for g in dense]
+        partials = torch.empty(sum(t.n_chunks for t in tables), dtype=torch.float32, device=device)
+        offset = 0
+        for (dtype, _), group, table in zip(buckets, dense, tables):
+            _launch_partials(which, group, dtype, kind, p, partials[offset:offset + table.n_chunks], table)
+            offset += table.n_chunks
+        results.append(_finalize(which, partials, kind, p, max_norm))
+    return results
+
+
+def _count_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """norm_type=0 as torch composes it: vector_norm(stack(per-tensor nonzero counts), 0), i.e.
+    the number of tensors with at least one non-zero (or NaN) element, as float32."""
+    counts = [torch.count_nonzero(t).to(device) for t in tensors if t.numel() > 0]
+    if not counts:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return (torch.stack(counts) > 0).sum().to(torch.float32)
+
+
+def multi_tensor_norm_and_coef(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
+                               max_norm: float = 1.0, *, backend: str | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global norm, clip coefficient) of ``tensors`` as two float32 0-d tensors on the first
+    tensor's device (no host synchronisation). An empty list gives ``(tensor(0.), tensor(1.))`` on
+    the CPU, as torch's ``get_total_norm`` returns ``tensor(0.)``."""
+    tensors = list(tensors)
+    _check(tensors)
+    if not tensors:
+        norm = torch.zeros((), dtype=torch.float32)
+        return norm, clip_coef(norm, max_norm)
+    first = tensors[0].device
+    p = float(norm_type)
+    if p == 0.0:
+        norm = _count_norm(tensors, first)
+        return norm, clip_coef(norm, max_norm)
+    kind, p = norm_kind(p)
+    results = _route_norms(tensors, kind, p, max_norm, backend)
+    if len(results) == 1 and results[0].dim() == 1 and results[0].device == first:
+        return results[0][0], results[0][1]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if not results:
+        norm = torch.full((), empty_norm(p), dtype=dtype, device=first)
+    else:
+        norms = [r[0] if r.dim() == 1 else r for r in results]
+        norm = torch.linalg.vector_norm(torch.stack([n.to(first, dtype) for n in norms]), p)
+    return norm, clip_coef(norm, max_norm)
+
+
+def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,
+                      backend: str | None = None) -> torch.Tensor:
+    """The p-norm of all ``tensors`` viewed as one vector: a float32 0-d tensor on the first
+    tensor's device (see the module docstring for launches, dtypes and devices)."""
+    return multi_tensor_norm_and_coef(tensors, norm_type, 1.0, backend=backend)[0]
