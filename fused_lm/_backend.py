@@ -47,6 +47,8 @@ OPS: dict[str, OpSpec] = {
     # Losses (issue 6): Triton default on GPUs, not yet measured on a GPU.
     "cross_entropy": OpSpec(("triton", "torch"), gpu_default="triton"),
     "linear_cross_entropy": OpSpec(("triton", "torch"), gpu_default="triton"),
+    # Attention (issue 7): Triton default on GPUs, not yet measured (bench/bench_attention.py).
+    "attention": OpSpec(("triton", "torch"), gpu_default="triton"),
 }
 
 
