@@ -15,7 +15,7 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests._helpers import HAS_CUDA, SEED  # noqa: E402
+from tests._helpers import DEVICES, HAS_CUDA, SEED  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,6 +33,12 @@ def pytest_report_header(config):
     ext = ", ".join(f"{k}: {v}" for k, v in _ext.describe_extensions().items())
     mode = "CUDA" if HAS_CUDA else "CPU (Triton interpreter)"
     return [f"fused_lm tests on {mode}; torch {torch.__version__}", f"extensions: {ext}"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every device of this machine: cpu always, cuda when present."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)
