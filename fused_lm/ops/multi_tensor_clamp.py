@@ -35,8 +35,11 @@ _cache = mt.TableCache()
 if triton is not None:
 
     @triton.jit
-    def _clamp_kernel(table_ptr, chunks_ptr, lo, hi, DTYPE: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _clamp_kernel(table_ptr, chunks_ptr, lo, hi, lo_q, hi_q, DTYPE: tl.constexpr,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # Compare with the float32 bounds, store the bounds already rounded to DTYPE (lo_q, hi_q,
+        # exact in DTYPE): the result is an input element or a pre-rounded bound, so the final cast
+        # is exact whatever the cast's rounding (the interpreter truncates float32 -> bfloat16).
         pid = tl.program_id(0)
         tensor = tl.load(chunks_ptr + 2 * pid)
         begin = tl.load(chunks_ptr + 2 * pid + 1)
@@ -46,8 +49,8 @@ if triton is not None:
             offs = begin + i + tl.arange(0, BLOCK)
             mask = offs < numel
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.where(x < lo, lo, x)      # comparisons with NaN are false: NaN is kept
-            x = tl.where(x > hi, hi, x)
+            x = tl.where(x < lo, lo_q, x)    # comparisons with NaN are false: NaN is kept
+            x = tl.where(x > hi, hi_q, x)
             tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
 
 
@@ -82,8 +85,9 @@ def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *
             continue
         table = _cache.get([dense])
         if which == "triton":
-            _clamp_kernel[(table.n_chunks,)](table.table, table.chunks, lo, hi, DTYPE=mt.tl_dtype(dtype),
-                                             CHUNK=table.chunk_size, BLOCK=_BLOCK)
+            lo_q, hi_q = (float(torch.tensor(b, dtype=torch.float32).to(dtype)) for b in (lo, hi))
+            _clamp_kernel[(table.n_chunks,)](table.table, table.chunks, lo, hi, lo_q, hi_q,
+                                             DTYPE=mt.tl_dtype(dtype), CHUNK=table.chunk_size, BLOCK=_BLOCK)
         else:
             _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
             torch.ops.fused_lm.multi_tensor_clamp_(dense, table.table, table.chunks, table.chunk_size,

@@ -1,0 +1,381 @@
+"""Gradient clipping (issue 5): fused_lm.clip_grad_norm_ and friends against torch.nn.utils and the
+float64 reference, on every backend; DTensor (FSDP2), DDP and process-group reductions with two
+gloo processes against one process.
+
+Every backend runs on the same inputs (Triton under the interpreter and the C++ CPU kernels here,
+CUDA where a GPU is present). Norms are compared with the float64 reference of the SAME stored
+values, so the only error is float32 accumulation (and exp2/log2 for general p): TOL[float32].
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+import fused_lm
+from fused_lm.ops import _multi_tensor as mt
+from fused_lm.ops.multi_tensor_norm import multi_tensor_norm, multi_tensor_norm_and_coef
+from fused_lm.reference import clip as ref
+from tests._helpers import HAS_CUDA, assert_close, backend_devices, poison_allocations, randn
+
+# Under the interpreter, numpy warns on log2(0) inside |x|^p = 2^(p log2|x|) (the result, 0 or
+# inf, is the intended one).
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+
+NORM_TYPES = [2.0, 1.0, math.inf, 3.0, 0.5, -1.5, -math.inf, 0.0]
+# Sizes around the Triton BLOCK (1024), the CUDA block (256 x 4) and the CHUNK (16384); 0-d, empty,
+# single element; three dtypes in one list (one launch per dtype into one partials buffer).
+MIXED = [((3, 5), torch.float32), ((mt.CHUNK + 3,), torch.bfloat16), ((), torch.float32),
+         ((0,), torch.float32), ((17,), torch.float16), ((1,), torch.bfloat16), ((1025,), torch.float32),
+         ((2, 0, 3), torch.float16), ((4097,), torch.float16)]
+
+
+def _tensors(device, spec=MIXED, scale=1.0):
+    return [randn(*s, dtype=d, device=device, scale=scale) for s, d in spec]
+
+
+def _params(device, spec=MIXED, none_at=(2,)):
+    """Parameters with random gradients; the ones at ``none_at`` have grad None."""
+    ps = []
+    for i, (s, d) in enumerate(spec):
+        p = torch.nn.Parameter(randn(*s, dtype=d, device=device))
+        p.grad = None if i in none_at else randn(*s, dtype=d, device=device)
+        ps.append(p)
+    return ps
+
+
+def _clone_params(ps, dtype=None):
+    out = []
+    for p in ps:
+        q = torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True))
+        q.grad = None if p.grad is None else p.grad.to(dtype or p.dtype, copy=True)
+        out.append(q)
+    return out
+
+
+def _norm_tol(p):
+    # General p runs through 2^(p log2|x|): a few float32 ulps per term (Triton's GPU exp2/log2 are
+    # the approximate PTX instructions).
+    return 1.0 if p in (1.0, 2.0, math.inf, -math.inf, 0.0) else 20.0
+
+
+# --------------------------------------------------------------------------------------------
+# The norm op.
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_norm_matches_reference_and_torch(backend, device, p):
+    xs = _tensors(device)
+    norm, coef = multi_tensor_norm_and_coef(xs, p, 0.5, backend=backend)
+    assert norm.dtype == torch.float32 and norm.shape == () and norm.device.type == device
+    expected = ref.total_norm(xs, p)
+    assert_close(norm, expected, torch.float32, scale=_norm_tol(p), what=f"p={p}")
+    assert_close(coef, ref.clip_coefficient(expected, 0.5), torch.float32, scale=_norm_tol(p))
+    # torch on float32 copies of the same values (its bf16 path rounds the norm to bf16); torch
+    # raises for the inf norm of an empty tensor, so empty tensors are left out of its list.
+    ref_torch = torch.nn.utils.get_total_norm([x.float() for x in xs if x.numel()], p)
+    assert_close(norm, ref_torch, torch.float32, scale=_norm_tol(p), what=f"vs torch p={p}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices(("triton", "cpu", "cuda")))
+def test_every_chunk_reduced(backend, device):
+    """A chunk or tail left out would change the count: |x| = 1 everywhere, so ||x||_1 = numel."""
+    sizes = (1, 1023, mt.CHUNK - 1, mt.CHUNK + 1, 3 * mt.CHUNK - 7)
+    xs = [torch.ones(n, device=device) * (-1) ** n for n in sizes]
+    with poison_allocations():
+        norm = multi_tensor_norm(xs, 1.0, backend=backend)
+    assert norm.item() == sum(sizes)
+    # A single large element in the last chunk's tail must be the max.
+    xs[-1][-1] = 7.0
+    assert multi_tensor_norm(xs, math.inf, backend=backend).item() == 7.0
+    assert multi_tensor_norm(xs, -math.inf, backend=backend).item() == 1.0
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0, -math.inf])
+def test_nonfinite_values(backend, device, p):
+    """NaN anywhere gives NaN for every norm type (max/min included, like torch); inf gives inf
+    for p > 0 (inf for -inf only if every element is inf)."""
+    xs = _tensors(device, [((40,), torch.float32), ((mt.CHUNK + 5,), torch.bfloat16)])
+    xs[1][mt.CHUNK + 2] = float("inf")
+    got = multi_tensor_norm(xs, p, backend=backend)
+    want = torch.nn.utils.get_total_norm([x.float() for x in xs], p)
+    assert (got.isinf() == want.isinf()).item() and (got.isnan() == want.isnan()).item()
+    if p > 0:
+        assert got.item() == math.inf
+    xs[0][3] = float("nan")
+    assert multi_tensor_norm(xs, p, backend=backend).isnan().item(), f"NaN lost for p={p}"
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_norm_edge_lists(backend, device):
+    # No tensor at all: torch's tensor(0.) on the CPU.
+    empty = multi_tensor_norm([], backend=backend)
+    assert empty.item() == 0.0 and empty.device.type == "cpu" and empty.dtype == torch.float32
+    # Only empty tensors: the empty sum / max (torch raises for inf on empty tensors).
+    zs = [torch.zeros(0, device=device), torch.zeros(3, 0, device=device)]
+    for p in (2.0, 1.0, math.inf):
+        assert multi_tensor_norm(zs, p, backend=backend).item() == 0.0
+    # A single 0-d tensor and a non-contiguous one (read through a contiguous copy).
+    x = randn(5, 7, device=device).t()
+    assert_close(multi_tensor_norm([x, torch.tensor(-3.0, device=device)], backend=backend),
+                 ref.total_norm([x, torch.tensor(-3.0)]), torch.float32)
+
+
+def test_float64_and_bad_input():
+    xs = [randn(10, dtype=torch.float64), randn(7)]
+    norm = multi_tensor_norm(xs)
+    assert norm.dtype == torch.float64
+    assert_close(norm, ref.total_norm(xs), torch.float32)
+    with pytest.raises(TypeError, match="real floating dtype"):
+        multi_tensor_norm([torch.arange(3)])
+    with pytest.raises(TypeError, match="real floating dtype"):
+        multi_tensor_norm([torch.randn(3, dtype=torch.complex64)])
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        multi_tensor_norm([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="backend="):
+        multi_tensor_norm([torch.randn(3)], backend="fortran")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_multi_device_norm():
+    """Tensors on the CPU and a GPU: per-device norms combined on the first tensor's device."""
+    xs = [randn(100), randn(300, device="cuda", dtype=torch.bfloat16), randn(5)]
+    for p in (2.0, math.inf, 1.0):
+        norm = multi_tensor_norm(xs, p)
+        assert norm.device.type == "cpu"
+        assert_close(norm, ref.total_norm(xs, p), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# clip_grad_norm_ and friends.
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0, 0.0])
+def test_clip_grad_norm_matches_torch(backend, device, p):
+    ps = _params(device)
+    # torch runs on float32 copies of the same values (its norm of all-bf16 gradients is rounded
+    # to bf16).
+    ps_torch = _clone_params(ps, torch.float32)
+    grads = [q.grad for q in ps if q.grad is not None]
+    want_grads, want_norm = ref.clip_grad_norm(grads, 0.3 if p != 0 else 2.5, p)
+    norm = fused_lm.clip_grad_norm_(ps, 0.3 if p != 0 else 2.5, p, backend=backend)
+    assert norm.dtype == torch.float32 and norm.shape == ()
+    assert_close(norm, want_norm, torch.float32, scale=_norm_tol(p))
+    assert [q.grad is None for q in ps] == [q.grad is None for q in ps_torch]
+    for g, w in zip((q.grad for q in ps if q.grad is not None), want_grads):
+        assert_close(g, w, g.dtype, scale=_norm_tol(p))
+    torch_norm = torch.nn.utils.clip_grad_norm_([q for q in ps_torch if q.numel() or p != math.inf],
+                                                0.3 if p != 0 else 2.5, p)
+    assert_close(norm, torch_norm, torch.float32, scale=_norm_tol(p))
+    for q, q_torch in zip(ps, ps_torch):
+        if q.grad is not None:
+            assert_close(q.grad, q_torch.grad.to(q.grad.dtype), q.grad.dtype, scale=_norm_tol(p))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_clip_no_op_below_max_and_helpers(backend, device):
+    ps = _params(device, [((50,), torch.float32), ((30,), torch.bfloat16)], none_at=())
+    before = [q.grad.clone() for q in ps]
+    norm = fused_lm.get_total_norm([q.grad for q in ps], backend=backend)
+    fused_lm.clip_grads_with_norm_(ps, 1e6, norm, backend=backend)   # coefficient clamped to 1
+    for q, b in zip(ps, before):
+        assert torch.equal(q.grad, b)
+    fused_lm.clip_grads_with_norm_(ps, 1.0, norm, backend=backend)
+    assert_close(fused_lm.get_total_norm([q.grad for q in ps], backend=backend),
+                 torch.tensor(1.0, dtype=torch.float64), torch.bfloat16)
+    # A single tensor is accepted, like torch.
+    single = _params(device, [((9,), torch.float32)], none_at=())[0]
+    g = single.grad.clone()
+    norm = fused_lm.clip_grad_norm_(single, 0.1, backend=backend)
+    assert_close(norm, ref.total_norm([g]), torch.float32)
+    assert_close(single.grad, ref.clip_grad_norm([g], 0.1)[0][0], torch.float32)
+
+
+def test_clip_none_and_empty():
+    p = torch.nn.Parameter(torch.randn(3))
+    assert fused_lm.clip_grad_norm_([p], 1.0).item() == 0.0          # grad None: skipped
+    assert fused_lm.clip_grad_norm_([], 1.0).item() == 0.0
+    fused_lm.clip_grads_with_norm_([p], 1.0, torch.tensor(3.0))
+    fused_lm.clip_grad_value_([p], 1.0)
+    with pytest.warns(UserWarning, match="empty generator"):
+        fused_lm.clip_grad_norm_((q for q in []), 1.0)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_error_if_nonfinite(backend, device):
+    ps = _params(device, [((20,), torch.float32), ((mt.CHUNK + 1,), torch.bfloat16)], none_at=())
+    fused_lm.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True, backend=backend)    # finite: fine
+    for bad in (float("inf"), float("nan")):
+        ps[1].grad[-1] = bad
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fused_lm.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True, backend=backend)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fused_lm.get_total_norm([q.grad for q in ps], error_if_nonfinite=True, backend=backend)
+    # Without the flag a NaN norm propagates into the gradients, as in torch.
+    norm = fused_lm.clip_grad_norm_(ps, 1.0, backend=backend)
+    assert norm.isnan().item() and ps[0].grad.isnan().all().item()
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_clip_grad_value_matches_torch(backend, device):
+    ps = _params(device)
+    for q in ps:
+        if q.grad is not None and q.grad.numel() > 3:
+            q.grad.view(-1)[1] = float("nan")
+            q.grad.view(-1)[2] = float("-inf")
+    ps_torch = _clone_params(ps)
+    fused_lm.clip_grad_value_(ps, 0.4, backend=backend)
+    torch.nn.utils.clip_grad_value_(ps_torch, 0.4)
+    for q, q_torch in zip(ps, ps_torch):
+        if q.grad is not None:
+            same = (q.grad == q_torch.grad) | (q.grad.isnan() & q_torch.grad.isnan())
+            assert same.all().item(), f"clip_grad_value_ differs from torch ({q.grad.dtype})"
+    # lo > hi (negative clip_value): clamp_min then clamp_max gives -|c| everywhere, as torch.
+    ps2 = _params(device, [((33,), torch.float32)], none_at=())
+    fused_lm.clip_grad_value_(ps2, -0.5, backend=backend)
+    assert (ps2[0].grad == -0.5).all().item()
+
+
+# --------------------------------------------------------------------------------------------
+# Two gloo processes: FSDP2 (DTensor gradients), DDP, and a process group over disjoint slices.
+
+WORLD = 2
+IN, HIDDEN = 6, 9
+
+
+def _model():
+    torch.manual_seed(0)
+    # Output width 1: FSDP2's Shard(0) leaves rank 1 an EMPTY local shard of that weight.
+    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 5),
+                               torch.nn.Tanh(), torch.nn.Linear(5, 1))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(WORLD * 4, IN, generator=g), torch.randn(WORLD * 4, 1, generator=g)
+
+
+DIST_NORMS = [2.0, 1.0, math.inf, 3.0]
+
+
+def _dist_worker(rank, store_dir, backends, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    results = {}
+    try:
+        x, y = _batch()
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        for backend in backends:
+            # FSDP2: DTensor gradients, norms all-reduced over the mesh.
+            model = _model()
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer)
+            fully_shard(model)
+            torch.nn.functional.mse_loss(model(xs), ys).backward()
+            params = list(model.parameters())
+            for p in DIST_NORMS:
+                results[("fsdp2", backend, p)] = fused_lm.get_total_norm(
+                    [q.grad for q in params], p, backend=backend).item()
+            norm = fused_lm.clip_grad_norm_(params, 0.05, backend=backend)
+            results[("fsdp2-clip", backend)] = (norm.item(), [q.grad.full_tensor() for q in params])
+            # DDP: gradients are already averaged, the local norm is global.
+            ddp = DDP(_model())
+            torch.nn.functional.mse_loss(ddp(xs), ys).backward()
+            norm = fused_lm.clip_grad_norm_(ddp.parameters(), 0.05, backend=backend)
+            results[("ddp-clip", backend)] = (norm.item(), [q.grad.clone() for q in ddp.parameters()])
+            # process_group: each rank holds a disjoint slice of the tensors (ZeRO-style).
+            gen = torch.Generator().manual_seed(5)
+            full = [torch.randn(n, generator=gen) for n in (7, 300, 1, 20000)]
+            mine = full[rank::WORLD]
+            for p in DIST_NORMS:
+                results[("pg", backend, p)] = fused_lm.get_total_norm(
+                    mine, p, process_group=dist.group.WORLD, backend=backend).item()
+            if rank == 1:
+                mine[0][0] = float("nan")
+            results[("pg-nan", backend)] = fused_lm.get_total_norm(
+                mine, math.inf, process_group=dist.group.WORLD, backend=backend).item()
+    except Exception as exc:  # reported by the parent, with the rank
+        import traceback
+
+        results["error"] = f"rank {rank}: {exc}\n{traceback.format_exc()}"
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dist_results():
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    backends = [b.values[0] for b in backend_devices(("triton", "cpu", "torch"))
+                if b.values[1] == "cpu" and not b.marks]
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_dist_worker, args=(tmp, backends, tmp), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        deadline = 120.0
+        import time
+
+        t0 = time.monotonic()
+        while not ctx.join(timeout=5):
+            if time.monotonic() - t0 > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("distributed clip workers timed out")
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    for r in results:
+        if "error" in r:
+            pytest.fail(r["error"])
+    return backends, results
+
+
+def _single_process_grads():
+    model = _model()
+    x, y = _batch()
+    # FSDP2 and DDP average the per-rank gradients of per-rank mean losses: equal to the gradient
+    # of the full-batch mean (equal halves).
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return list(model.parameters())
+
+
+def test_fsdp2_ddp_norms_equal_single_process(dist_results):
+    backends, results = dist_results
+    for backend in backends:
+        for p in DIST_NORMS:
+            want = ref.total_norm([q.grad for q in _single_process_grads()], p)
+            for r in range(WORLD):
+                got = torch.tensor(results[r][("fsdp2", backend, p)])
+                assert_close(got, want, torch.float32, scale=_norm_tol(p), what=f"fsdp2 {backend} p={p}")
+        for mode in ("fsdp2-clip", "ddp-clip"):
+            params = _single_process_grads()
+            want_norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+            for r in range(WORLD):
+                norm, grads = results[r][(mode, backend)]
+                assert_close(torch.tensor(norm), want_norm, torch.float32, what=f"{mode} {backend}")
+                for g, q in zip(grads, params):
+                    assert_close(g, q.grad, torch.float32, scale=10, what=f"{mode} {backend} grads")
+
+
+def test_process_group_norm_equals_single_process(dist_results):
+    backends, results = dist_results
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.randn(n, generator=gen) for n in (7, 300, 1, 20000)]
+    for backend in backends:
+        for p in DIST_NORMS:
+            want = ref.total_norm(full, p)
+            for r in range(WORLD):
+                assert_close(torch.tensor(results[r][("pg", backend, p)]), want, torch.float32,
+                             scale=_norm_tol(p), what=f"pg {backend} p={p}")
+        for r in range(WORLD):  # NaN on rank 1 only reaches every rank
+            assert math.isnan(results[r][("pg-nan", backend)])
