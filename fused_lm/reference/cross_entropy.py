@@ -46,8 +46,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         raise IndexError(f"target out of range [0, {V}) (ignore_index={ignore_index})")
     w_t = w[t_safe] * valid                                             # (N,) 0 when ignored
     nll = -logp.gather(1, t_safe[:, None])[:, 0] * w_t
-    smooth = -(logp * w).sum(-1) * valid
-    ce = (1 - label_smoothing) * nll + label_smoothing / V * smooth
+    ce = (1 - label_smoothing) * nll
+    if label_smoothing > 0:                             # (skipped at 0: -inf logits would give 0*inf)
+        ce = ce + label_smoothing / V * (-(logp * w).sum(-1) * valid)
     zl = z_loss * lse**2 * valid
     if reduction == "none":
         return (ce + zl).reshape(target.shape)

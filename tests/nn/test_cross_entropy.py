@@ -1,0 +1,304 @@
+"""Fused cross-entropy (issue 6): forward and backward against the float64 reference and against
+torch.nn.functional.cross_entropy (the drop-in semantics), every option and reduction, on the
+Triton kernel (interpreter on CPU) and the torch path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_lm.nn as fnn
+from fused_lm import _backend
+from fused_lm.nn import functional as FF
+from fused_lm.ops.cross_entropy import cross_entropy
+from fused_lm.reference import cross_entropy as ref
+from tests._helpers import assert_close, backend_devices, poison_allocations, randn, requires_cuda
+
+BACKENDS = backend_devices(("triton", "torch"))
+
+# Vocabularies that are not powers of two and span several interpreter blocks (512).
+V_BY_DTYPE = {torch.float32: 1000, torch.bfloat16: 1537, torch.float16: 777}
+
+OPTIONS = {
+    "plain": {},
+    "smooth+ignore": {"label_smoothing": 0.1},
+    "zloss+weight": {"z_loss": 1e-2, "weight": True},
+    "softcap+smooth": {"softcap": 4.0, "label_smoothing": 0.2},
+    "all": {"softcap": 3.0, "label_smoothing": 0.15, "z_loss": 1e-3, "weight": True},
+}
+
+
+def _options(opts, V, device):
+    opts = dict(opts)
+    if opts.pop("weight", False):
+        opts["weight"] = torch.rand(V, device=device) + 0.25
+    return opts
+
+
+def _targets(N, V, device, ignore_index=-100, n_ignored=3):
+    t = torch.randint(0, V, (N,), device=device)
+    t[torch.randperm(N, device=device)[:n_ignored]] = ignore_index
+    return t
+
+
+def _run(fn, x, grad_output=None):
+    """loss and d(loss . grad_output)/dx of fn(x)."""
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x)
+    g = torch.randn_like(loss, dtype=torch.float64) if grad_output is None else grad_output
+    loss.backward(g.to(loss.dtype))
+    return loss, x.grad, g
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", list(OPTIONS), ids=list(OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(backend, device, dtype, opts, reduction):
+    N, V = 19, V_BY_DTYPE[dtype]
+    kw = _options(OPTIONS[opts], V, device)
+    x = randn(N, V, dtype=dtype, device=device, scale=3.0)
+    t = _targets(N, V, device)
+    loss, dx, g = _run(lambda x: cross_entropy(x, t, reduction=reduction, backend=backend, **kw), x)
+    rloss, rdx, _ = _run(lambda x: ref.cross_entropy(x, t, reduction=reduction, **kw),
+                         x.to(torch.float64), g)
+    assert loss.dtype == torch.float32 and dx.dtype == dtype
+    assert loss.shape == ((N,) if reduction == "none" else ())
+    assert_close(loss, rloss, torch.float32, what="loss")        # float32-accurate for every dtype
+    assert_close(dx, rdx, dtype, what="dlogits")
+    assert bool((dx[t == -100] == 0).all()), "ignored rows must get a zero gradient"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_matches_torch(backend, device, weighted, smoothing, reduction):
+    """Drop-in semantics: torch's F.cross_entropy in float64 (class weights per target class,
+    smoothing weighted per class, mean over the weighted non-ignored count, ignore_index)."""
+    N, V = 23, 1031
+    w = torch.rand(V, device=device, dtype=torch.float64) + 0.1 if weighted else None
+    x = randn(N, V, device=device, scale=2.0)
+    t = _targets(N, V, device, ignore_index=7, n_ignored=4)
+    kw = dict(ignore_index=7, reduction=reduction, label_smoothing=smoothing)
+    loss, dx, g = _run(lambda x: cross_entropy(x, t, None if w is None else w.float(),
+                                               backend=backend, **kw), x)
+    tloss, tdx, _ = _run(lambda x: F.cross_entropy(x, t, w, **kw), x.double(), g)
+    assert_close(loss, tloss, torch.float32, what="loss vs torch")
+    assert_close(dx, tdx, torch.float32, what="dlogits vs torch")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_batched_inputs_and_module(backend, device, reduction, monkeypatch):
+    """(B, T, V) logits with (B, T) targets (class dimension last), through the public module;
+    torch's layout for the same problem is (B, V, T)."""
+    monkeypatch.setenv("FUSED_LM_BACKEND", backend)
+    B, T, V = 3, 5, 600
+    w = torch.rand(V, device=device) + 0.5
+    x = randn(B, T, V, device=device)
+    t = _targets(B * T, V, device).reshape(B, T)
+    mod = fnn.CrossEntropyLoss(w, reduction=reduction, label_smoothing=0.05)
+    assert torch.equal(mod.state_dict()["weight"], w)
+    loss, dx, g = _run(lambda x: mod(x, t), x)
+    tloss, tdx, _ = _run(lambda x: F.cross_entropy(x.transpose(1, 2), t, w.double(),
+                                                   reduction=reduction, label_smoothing=0.05),
+                         x.double(), g)
+    assert loss.shape == ((B, T) if reduction == "none" else ())
+    assert_close(loss, tloss, torch.float32)
+    assert_close(dx, tdx, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_torchs_result(backend, device, reduction, weighted):
+    N, V = 6, 300
+    w = torch.rand(V, device=device) + 0.5 if weighted else None
+    x = randn(N, V, device=device)
+    t = torch.full((N,), -100, device=device)
+    loss, dx, _ = _run(lambda x: cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1,
+                                               backend=backend), x, torch.ones(()) if reduction != "none" else torch.ones(N))
+    expected = F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    if reduction == "mean":
+        assert torch.isnan(loss)
+    assert bool((dx == 0).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_and_single(backend, device, reduction):
+    x = randn(0, 50, device=device)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    loss, dx, _ = _run(lambda x: cross_entropy(x, t, reduction=reduction, backend=backend), x,
+                       torch.ones(()) if reduction != "none" else torch.ones(0))
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction=reduction), equal_nan=True)
+    assert dx.shape == (0, 50)
+    # one row; and unbatched (V,) logits with a 0-d target, as torch accepts
+    for x, t in ((randn(1, 77, device=device), torch.tensor([5], device=device)),
+                 (randn(77, device=device), torch.tensor(5, device=device))):
+        loss, dx, g = _run(lambda x: cross_entropy(x, t, reduction=reduction, backend=backend), x)
+        tloss, tdx, _ = _run(lambda x: F.cross_entropy(x, t, reduction=reduction), x.double(), g)
+        assert loss.shape == tloss.shape
+        assert_close(loss, tloss, torch.float32)
+        assert_close(dx, tdx, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_extreme_logits(backend, device):
+    """Large logits stay finite (online max); -inf logits (a masked vocabulary) are allowed when
+    the target is not masked; a whole -inf first block does not poison the running sum."""
+    N, V = 5, 1300
+    x = randn(N, V, device=device, scale=80.0)
+    x[1, :600] = float("-inf")
+    x[2, 100:200] = float("-inf")
+    t = torch.tensor([3, 700, 50, 1299, 0], device=device)
+    loss, dx, g = _run(lambda x: cross_entropy(x, t, reduction="none", backend=backend), x)
+    rloss, rdx, _ = _run(lambda x: ref.cross_entropy(x, t, reduction="none"), x.double(), g)
+    assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
+    assert_close(loss, rloss, torch.float32)
+    assert_close(dx, rdx, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_every_gradient_element_written(backend, device):
+    N, V = 7, 1100
+    x = randn(N, V, device=device).requires_grad_()
+    t = _targets(N, V, device, n_ignored=2)
+    with poison_allocations():
+        loss = cross_entropy(x, t, softcap=5.0, label_smoothing=0.1, backend=backend)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_targets_int32_noncontiguous_and_no_grad(backend, device):
+    N, V = 9, 640
+    base = randn(N, 2 * V, device=device)
+    x = base[:, ::2]                                          # column stride 2: copied
+    t = torch.randint(0, V, (N,), device=device, dtype=torch.int32)
+    expected = ref.cross_entropy(x, t, label_smoothing=0.1)
+    assert_close(cross_entropy(x, t, label_smoothing=0.1, backend=backend), expected, torch.float32)
+    with torch.no_grad():
+        xg = x.clone().requires_grad_()
+        assert_close(cross_entropy(xg, t, label_smoothing=0.1, backend=backend), expected, torch.float32)
+    logits = randn(N, V, device=device)
+    before = logits.clone()
+    cross_entropy(logits.requires_grad_(), t.long(), backend=backend).backward()
+    assert torch.equal(logits.detach(), before), "the caller's logits must not be overwritten"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_out_of_range_targets_raise_on_cpu(backend, device):
+    if device != "cpu":
+        pytest.skip("CPU tensors always check; CUDA checks under FUSED_LM_CHECK=1 (gpu tests)")
+    x = randn(4, 100, device=device)
+    for bad in (100, -1, 1000):
+        t = torch.tensor([1, bad, 2, -100])
+        with pytest.raises(IndexError, match=r"out of range.*\[0, 100\)"):
+            cross_entropy(x, t, backend=backend)
+
+
+def test_bad_arguments():
+    x, t = randn(4, 10), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="reduction"):
+        FF.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FF.cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="softcap"):
+        FF.cross_entropy(x, t, softcap=0.0)
+    with pytest.raises(ValueError, match="z_loss"):
+        FF.cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(ValueError, match="10 class weights"):
+        FF.cross_entropy(x, t, weight=torch.ones(9))
+    with pytest.raises(ValueError, match=r"target has shape \(5,\)"):
+        FF.cross_entropy(x, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer class indices"):
+        FF.cross_entropy(x, t.float())
+    with pytest.raises(TypeError, match="floating tensor of logits"):
+        FF.cross_entropy(t, t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_targets_fall_back_to_torch(reduction):
+    x = randn(6, 40).requires_grad_()
+    p = torch.softmax(randn(6, 40), -1)
+    loss = FF.cross_entropy(x, p, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(x, p, reduction=reduction, label_smoothing=0.1))
+
+
+def test_backend_selection():
+    dev = torch.device("cpu")
+    expected = "triton" if _backend.interpreter_on() else "torch"
+    assert _backend.select("cross_entropy", dev, torch.bfloat16) == expected
+    assert _backend.select("cross_entropy", dev, torch.float64) == "torch"
+    assert _backend.OPS["cross_entropy"].gpu_default == "triton"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(backend, device, reduction):
+    """The custom op (fake impl + autograd) traces under torch.compile(fullgraph=True)."""
+    N, V = 8, 300
+    x = randn(N, V, device=device)
+    t = _targets(N, V, device, n_ignored=1)
+    w = torch.rand(V, device=device) + 0.5
+
+    def f(x, t):
+        return cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                             softcap=10.0, backend=backend).sum() * 1.5
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss, dx, _ = _run(lambda x: compiled(x, t), x, torch.ones(()))
+    eloss, edx, _ = _run(lambda x: f(x, t), x, torch.ones(()))
+    torch.testing.assert_close(loss, eloss)
+    torch.testing.assert_close(dx, edx)
+
+
+# ----------------------------------------------------------------------------- GPU (realistic sizes)
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("V", [32000, 128256])
+@pytest.mark.parametrize("opts", ["plain", "all"])
+def test_gpu_realistic(V, opts):
+    N = 4096
+    kw = _options(OPTIONS[opts], V, "cuda")
+    x = randn(N, V, dtype=torch.bfloat16, device="cuda", scale=3.0)
+    t = _targets(N, V, "cuda", n_ignored=100)
+    loss, dx, g = _run(lambda x: cross_entropy(x, t, **kw), x, torch.tensor(0.7, device="cuda"))
+    rloss, rdx, _ = _run(lambda x: ref.cross_entropy(x, t, dtype=torch.float32, **kw),
+                         x.float(), g)
+    assert_close(loss, rloss, torch.float32, scale=10)
+    assert_close(dx, rdx, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_64bit_offsets():
+    """N*V > 2**31 elements: row offsets must be 64-bit (the last rows are checked)."""
+    N, V = 16800, 128256
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    loss = cross_entropy(x, t, reduction="none")
+    loss.sum().backward()
+    tail = slice(N - 8, N)
+    xr = x.detach()[tail].double().requires_grad_()
+    rl = ref.cross_entropy(xr, t[tail], reduction="none")
+    rl.sum().backward()
+    assert_close(loss[tail], rl, torch.float32)
+    assert_close(x.grad[tail], xr.grad, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_checked_mode(monkeypatch):
+    x = torch.randn(8, 1000, device="cuda")
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    t[3] = 1000
+    loss = cross_entropy(x, t, reduction="none")              # unchecked: NaN, no illegal access
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(8, device="cuda") != 3]).all()
+    monkeypatch.setenv("FUSED_LM_CHECK", "1")
+    with pytest.raises(IndexError, match="out of range"):
+        cross_entropy(x, t)
