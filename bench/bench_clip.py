@@ -1,0 +1,110 @@
+"""Gradient clipping by global norm (issue 5): fused_lm against torch.nn.utils.clip_grad_norm_.
+
+Cases, on the GPT-2 124M parameter list and 10,000 tiny tensors (1 to 64k elements):
+
+* ``norm``        get_total_norm only (the pass that reads every gradient once).
+                  Bytes = numel * itemsize (+ 4 B per 16k-element chunk of partials, ignored).
+                  Ceiling "copy": copy bandwidth per byte moved is the read bandwidth a pure read
+                  can expect (no read-only ceiling is measured); target >= 0.9 of it (issue 5).
+* ``norm+scale``  clip_grad_norm_ (norm pass, then the in-place scale by the coefficient).
+                  Bytes = numel * itemsize (norm read) + 2 * numel * itemsize (scale read+write)
+                  = 3 * numel * itemsize. Ceiling "rmw".
+
+Providers: fused_lm per backend (cuda, triton, cpu), torch.nn.utils.clip_grad_norm_(foreach=True)
+(the reference: ``_foreach_norm`` per (device, dtype), a stack, a norm, and ``_foreach_mul_``),
+and foreach=False (the per-tensor loop) on the tiny list. The gradients keep their size between
+calls: max_norm = 1, so after the first call the coefficient is max_norm / (max_norm + 1e-6).
+The Triton provider does not run on the CPU (the interpreter is a correctness tool).
+
+``quick`` (the CPU default): GPT-2 with every dimension / 4 (1/16 of the elements) and 500 tiny
+tensors, float32 only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.bench_multi_tensor import gpt2_shapes, tiny_shapes
+from bench.harness import Case, Provider, Skip, rotating
+from fused_lm import _backend
+
+
+def _lists(quick: bool) -> dict[str, list[tuple[int, ...]]]:
+    if quick:
+        return {"gpt2-124M/16": [tuple(max(1, x // 4) for x in s) for s in gpt2_shapes()],
+                "tiny-500": tiny_shapes(500)}
+    return {"gpt2-124M": gpt2_shapes(), "tiny-10k": tiny_shapes(10_000)}
+
+
+def _params(shapes, dtype, device):
+    """Parameters holding random gradients (what both clip_grad_norm_ take)."""
+    def make():
+        out = []
+        for s in shapes:
+            p = torch.nn.Parameter(torch.empty(s, device=device, dtype=dtype))
+            p.grad = torch.randn(s, device=device).to(dtype)
+            out.append(p)
+        return out
+    return make
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    out = []
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    for label, shapes in _lists(quick).items():
+        numel = sum(math.prod(s) for s in shapes)
+        for dtype in dtypes:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            read = numel * itemsize                    # one read of every gradient
+            shape = f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M)"
+            for op, nbytes, ceiling in (("norm", read, "copy"), ("norm+scale", 3 * read, "rmw")):
+                providers = [Provider(f"fused_lm-{b}", _fused(op, b, shapes, dtype, device, read))
+                             for b in ("cuda", "triton", "cpu")]
+                providers.append(Provider("torch-foreach", _torch(op, True, shapes, dtype, device, read),
+                                          reference=True))
+                if label.startswith("tiny"):
+                    providers.append(Provider("torch-loop", _torch(op, False, shapes, dtype, device, read)))
+                out.append(Case("clip", op, shape, _short(dtype), providers, bytes=nbytes, ceiling=ceiling))
+    out += _fused_step_cases(device, quick)
+    return out
+
+
+def _fused(op, backend, shapes, dtype, device, footprint):
+    def setup():
+        reason = _backend.unavailable_reason(backend, device)
+        if reason:
+            raise Skip(reason)
+        if backend == "triton" and device.type == "cpu":
+            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        from fused_lm.optim.clip import clip_grad_norm_, get_total_norm
+
+        nxt = rotating(_params(shapes, dtype, device), footprint, device)
+        if op == "norm":
+            return lambda: get_total_norm([p.grad for p in nxt()], backend=backend)
+        return lambda: clip_grad_norm_(nxt(), 1.0, backend=backend)
+    return setup
+
+
+def _torch(op, foreach, shapes, dtype, device, footprint):
+    def setup():
+        from torch.nn.utils import clip_grad_norm_, get_total_norm
+
+        nxt = rotating(_params(shapes, dtype, device), footprint, device)
+        if op == "norm":
+            return lambda: get_total_norm([p.grad for p in nxt()], foreach=foreach)
+        return lambda: clip_grad_norm_(nxt(), 1.0, foreach=foreach)
+    return setup
+
+
+def _fused_step_cases(device: torch.device, quick: bool) -> list[Case]:
+    """Phase 2 (clip folded into the optimizer step) adds its cases here."""
+    return []
+
+
+__all__ = ["cases"]
