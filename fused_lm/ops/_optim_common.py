@@ -1,0 +1,148 @@
+"""Pieces shared by the multi-tensor optimizer kernels (ops/adamw.py, ops/lion.py).
+
+* The per-group hyperparameter table ``hp`` (float32, (n_groups, HP_COLS), on the device), one row
+  per param group: ``[lr, beta1, beta2, eps, weight_decay, grad_sign]`` (grad_sign = -1 when
+  ``maximize``). The kernels read the row of their chunk's group, so groups may differ in every
+  hyperparameter and a step is still one launch.
+* The step counters: every tensor keeps torch's ``state['step']`` (a float32 0-d tensor on its
+  device). A bucket's step tensors are listed by address in ``step_table`` (int64, (n_tensors,));
+  one launch adds ``skip == 0 ? 1 : 0`` to each, then the update kernel reads each tensor's count
+  through the same table (indexed by the chunk's tensor index) for its bias corrections.
+* The counter-based random bits of stochastic rounding: ``fmix32`` (MurmurHash3's finaliser, a
+  bijection on 32 bits with full avalanche) keyed by (seed, step, tensor index, element index), so
+  a resumed run draws the same bits (csrc/include/fused_lm/optim_functors.h has the C++ twin).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+HP_COLS = 8          # lr, beta1, beta2, eps, weight_decay, grad_sign, (2 spare, keeps rows 32 B)
+_GOLDEN = 0x9E3779B9
+_M32 = 0xFFFFFFFF
+
+
+def upload_int64(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor on ``device`` from host ints, without a host synchronisation."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random bits for stochastic rounding (the torch twin of the kernels' hash).
+
+def _fmix32_torch(h: torch.Tensor) -> torch.Tensor:
+    """fmix32 on int64 tensors holding uint32 values (int64 products wrap; the low 32 bits are
+    exact)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def chunk_key_torch(seed: int, step: torch.Tensor, tensor_index: int) -> torch.Tensor:
+    """The per-(tensor, step) key: fmix32(fmix32(fmix32(tensor + golden) ^ step) ^ seed)."""
+    a = _fmix32_torch(torch.tensor((tensor_index + _GOLDEN) & _M32, dtype=torch.int64,
+                                   device=step.device))
+    b = _fmix32_torch(a ^ step.to(torch.int64))
+    return _fmix32_torch(b ^ (seed & _M32))
+
+
+def random_bits_torch(key: torch.Tensor, numel: int) -> torch.Tensor:
+    """fmix32(key ^ index) for index in [0, numel): int64 tensor of uint32 values."""
+    idx = torch.arange(numel, dtype=torch.int64, device=key.device) & _M32
+    return _fmix32_torch(key ^ idx)
+
+
+def round_param_torch(x: torch.Tensor, dtype: torch.dtype, sr: bool, key) -> torch.Tensor:
+    """float32 ``x`` stored to ``dtype``: stochastically for bf16 when ``sr``, else nearest."""
+    if not (sr and dtype == torch.bfloat16):
+        return x.to(dtype)
+    bits = random_bits_torch(key, x.numel()).view(x.shape)
+    u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    r = (u + (bits & 0xFFFF)) & 0xFFFF0000
+    r = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32).view(torch.float32)
+    return torch.where(torch.isfinite(x), r, x).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton pieces.
+
+if triton is not None:
+
+    @triton.jit
+    def fmix32(h):
+        # MurmurHash3 finaliser on uint32 (the constants are uint32 literals: products wrap).
+        h ^= h >> 16
+        h *= 0x85EBCA6B
+        h ^= h >> 13
+        h *= 0xC2B2AE35
+        h ^= h >> 16
+        return h
+
+    @triton.jit
+    def chunk_key(seed, step, tensor):
+        # seed: int32/int64 scalar holding a uint32; step: float32 count; tensor: int64 index.
+        a = fmix32((tensor.to(tl.uint32) + 0x9E3779B9).to(tl.uint32))
+        b = fmix32(a ^ step.to(tl.uint32))
+        return fmix32(b ^ seed.to(tl.uint32))
+
+    @triton.jit
+    def stochastic_round_bf16(x, key, offs):
+        # x: float32 block; offs: int64 element indices. Adds 16 random bits below the bf16
+        # mantissa and truncates: rounds up with probability equal to the discarded fraction.
+        r = fmix32(key ^ offs.to(tl.uint32))
+        u = x.to(tl.uint32, bitcast=True)
+        y = ((u + (r & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        finite = (u & 0x7F800000) != 0x7F800000
+        return tl.where(finite, y, x)
+
+    @triton.jit
+    def rne_bf16(x):
+        # float32 -> the nearest bfloat16 value (ties to even), still as float32, so the final
+        # cast is exact: the same rounding as the C++ kernels (dtypes.h) and the GPU's cvt.rn, also
+        # under the interpreter, whose float32 -> bf16 cast truncates. NaN passes through.
+        u = x.to(tl.uint32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r)
+
+    @triton.jit
+    def _step_kernel(step_table_ptr, n, skip_ptr, BLOCK: tl.constexpr):
+        # step += (skip == 0) for every tensor of the bucket: one launch, n float32 counters.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        addr = tl.load(step_table_ptr + offs, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        inc = tl.where(tl.load(skip_ptr) != 0, 0.0, 1.0)
+        s = tl.load(addr, mask=mask, other=0.0)
+        tl.store(addr, s + inc, mask=mask)
+
+    @triton.jit
+    def pow_f32(base, t):
+        # base^t for base in [0, 1), t >= 1, as exp2(t * log2(base)) (core ops only: the
+        # interpreter has no libdevice pow). base == 0 gives exp2(-inf) = 0.
+        return tl.exp2(t * tl.log2(base))
+
+
+_STEP_BLOCK = 1024
+
+
+def increment_steps_triton(step_table: torch.Tensor, skip: torch.Tensor) -> None:
+    n = step_table.numel()
+    if n:
+        _step_kernel[(triton.cdiv(n, _STEP_BLOCK),)](step_table, n, skip, BLOCK=_STEP_BLOCK)
+
+
+def increment_steps_torch(steps: list[torch.Tensor], skip: torch.Tensor) -> None:
+    if steps:
+        inc = (skip == 0).to(torch.float32)
+        for s in steps:
+            s.add_(inc.to(s.device))

@@ -1,0 +1,142 @@
+"""Multi-tensor Lion: one launch updates every tensor of a bucket (same device and dtypes).
+
+Math (float32; Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; reference in
+fused_lm/reference/optim.py):
+
+    g = grad * grad_mult * grad_sign
+    c = b1 * m + (1 - b1) * g
+    p = p * (1 - lr * wd) - lr * sign(c)
+    m = b2 * m + (1 - b2) * g
+
+Tensor table lists: [param, grad, exp_avg, (master_param)]; hyperparameters from the device table
+``hp`` (eps unused), step counts through ``step_table`` (Lion has no bias correction; the count is
+kept for torch's state layout and keys the random bits of stochastic rounding).
+
+Bytes per fp32 element: read p, g, m (12) + write p, m (8) = 20.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_lm import _ext
+from fused_lm.ops import _multi_tensor as mt
+from fused_lm.ops import _optim_common as oc
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _lion_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
+                     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr,
+                     SR: tl.constexpr, LISTS: tl.constexpr, HP_COLS: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        tensor = tl.load(chunks_ptr + 2 * pid)
+        begin = tl.load(chunks_ptr + 2 * pid + 1)
+        row = table_ptr + tensor * (LISTS + 2)
+        p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
+        numel = tl.load(row + LISTS)
+        group = tl.load(row + LISTS + 1)
+
+        hp = hp_ptr + group * HP_COLS
+        lr = tl.load(hp)
+        b1 = tl.load(hp + 1)
+        b2 = tl.load(hp + 2)
+        wd = tl.load(hp + 4)
+        mult = tl.load(mult_ptr) * tl.load(hp + 5)
+        decay = 1.0 - lr * wd
+        end = tl.where(tl.load(skip_ptr) != 0, begin, tl.minimum(begin + CHUNK, numel))
+        if SR:
+            t = tl.load(tl.load(step_table_ptr + tensor).to(tl.pointer_type(tl.float32)))
+            key = oc.chunk_key(seed, t, tensor)
+
+        # Runtime trip count: a small tensor (or a skipped step) costs no masked iterations.
+        for i in range(0, end - begin, BLOCK):
+            offs = begin + i + tl.arange(0, BLOCK)
+            mask = offs < end
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mult
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if MASTER:
+                w_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+                p = tl.load(w_ptr + offs, mask=mask, other=0.0)
+            else:
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            c = b1 * m + (1.0 - b1) * g
+            sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+            p = p * decay - lr * sign
+            m = b2 * m + (1.0 - b2) * g
+            if S_DTYPE == tl.bfloat16:
+                m = oc.rne_bf16(m)
+            tl.store(m_ptr + offs, m.to(S_DTYPE), mask=mask)
+            if MASTER:
+                tl.store(w_ptr + offs, p, mask=mask)
+            if SR:
+                p = oc.stochastic_round_bf16(p, key, offs)
+            elif P_DTYPE == tl.bfloat16:
+                p = oc.rne_bf16(p)
+            tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+_BLOCK = 1024
+
+
+def lion_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tensor,
+                grad_mult: torch.Tensor, skip: torch.Tensor, *, param_dtype: torch.dtype,
+                state_dtype: torch.dtype, master: bool, sr: bool, seed: int, **_) -> None:
+    oc.increment_steps_triton(step_table, skip)
+    if table.n_chunks == 0:
+        return
+    sr = bool(sr and param_dtype == torch.bfloat16)
+    _lion_kernel[(table.n_chunks,)](
+        table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
+        P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), MASTER=master, SR=sr,
+        LISTS=table.lists, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size, BLOCK=_BLOCK)
+
+
+def lion_compiled(backend: str, lists: dict, table: mt.TensorTable, step_table: torch.Tensor,
+                  hp: torch.Tensor, grad_mult: torch.Tensor, skip: torch.Tensor, *, sr: bool,
+                  seed: int) -> None:
+    device = lists["params"][0].device
+    if backend == "cuda":
+        _ext.cuda_ext()
+    else:
+        _ext.cpu_ext()
+    torch.ops.fused_lm.multi_tensor_lion_(
+        lists["params"], lists["grads"], lists["exp_avgs"], lists["masters"], lists["steps"],
+        table.table, table.chunks, table.chunk_size, step_table, hp, grad_mult, skip, bool(sr),
+        int(seed), _ext.cuda_stream(device))
+
+
+@torch.no_grad()
+def lion_torch(lists: dict, hps: list[tuple], grad_mult: torch.Tensor, skip: torch.Tensor, *,
+               sr: bool, seed: int, indices: list[int], **_) -> None:
+    """The PyTorch path, one tensor at a time (any dtype, layout or device; no host sync)."""
+    oc.increment_steps_torch(lists["steps"], skip)
+    for i, p in enumerate(lists["params"]):
+        lr, b1, b2, _eps, wd, maximize = hps[i]
+        cd = torch.float64 if p.dtype == torch.float64 else torch.float32
+        keep = skip.to(p.device) != 0
+        master = lists["masters"][i] if lists["masters"] else None
+        m_s = lists["exp_avgs"][i]
+        g = lists["grads"][i].to(cd) * grad_mult.to(p.device, cd)
+        if maximize:
+            g = -g
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(p.device, cd)
+        w = (master if master is not None else p).to(cd)
+        m = m_s.to(cd)
+        w = w * (1 - lr * wd) - lr * torch.sign(b1 * m + (1 - b1) * g)
+        m = b2 * m + (1 - b2) * g
+        m_s.copy_(torch.where(keep, m_s, m.to(m_s.dtype)))
+        if master is not None:
+            master.copy_(torch.where(keep, master, w.to(master.dtype)))
+        key = oc.chunk_key_torch(seed, lists["steps"][i], indices[i]) if sr else None
+        p.copy_(torch.where(keep, p, oc.round_param_torch(w.float() if sr else w, p.dtype, sr, key)))

@@ -1,0 +1,59 @@
+"""fused_lm.optim.AdamW: torch.optim.AdamW on multi-tensor Triton, CUDA C++ and CPU C++ kernels.
+
+With default options it reproduces ``torch.optim.AdamW`` to float32 rounding (decoupled decay,
+bias correction, amsgrad, maximize; the math is in fused_lm/ops/adamw.py) and its checkpoints load
+both ways. A step is two launches per bucket (device x dtypes), whatever the number of tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_lm.ops import adamw as _ops
+from fused_lm.optim._base import _MultiTensorOptimizer, check_lr_betas
+
+
+class AdamW(_MultiTensorOptimizer):
+    """Drop-in ``torch.optim.AdamW``.
+
+    Args beyond torch's:
+        backend: "cuda" | "triton" | "cpu" | "torch" | None (None: fused_lm._backend chooses per
+            device and dtype; float64 and non-contiguous parameters use the torch path).
+        master_weights: keep a float32 copy of bf16/fp16 parameters in ``state['master_param']``;
+            the update applies to it and the parameter becomes its rounding.
+        state_dtype: None (the parameter dtype, as torch), torch.float32 or torch.bfloat16 for
+            ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``. Math is float32 in every case.
+        stochastic_rounding: round bf16 parameter updates stochastically with counter-based
+            random bits of (seed, step, tensor, element); the seed is saved in ``state_dict()``
+            so a resumed run is bit-identical. Other dtypes round to nearest.
+
+    ``step()`` never synchronises with the host, honours ``torch.amp.GradScaler`` (unscales in
+    the kernel and skips everything, step counts included, on ``found_inf``) and can be captured
+    in a CUDA graph after one eager step (use a 0-d CUDA tensor ``lr`` to vary it per replay).
+    """
+
+    _OP = "adamw"
+    _MOMENTS = ("exp_avg", "exp_avg_sq")
+    _KERNELS = {"triton": _ops.adamw_triton, "compiled": _ops.adamw_compiled,
+                "torch": _ops.adamw_torch}
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, backend: str | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False):
+        check_lr_betas(lr, betas, weight_decay, eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=bool(amsgrad), maximize=bool(maximize))
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+
+    @staticmethod
+    def _validate_hparams(group: dict) -> None:
+        check_lr_betas(group["lr"], group["betas"], group["weight_decay"], group["eps"])
+
+    def _hp_row(self, group: dict) -> tuple:
+        b1, b2 = group["betas"]
+        return (group["lr"], b1, b2, group["eps"], group["weight_decay"], group.get("maximize", False))
+
+    def _uses_amsgrad(self, group: dict) -> bool:
+        return bool(group.get("amsgrad", False))
