@@ -41,6 +41,9 @@ class OpSpec:
 # Revisit with bench/results from `make gpu-check`.
 OPS: dict[str, OpSpec] = {
     "multi_tensor_scale": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
+    # Optimizers (issue 4): same reasoning as multi_tensor_scale, not yet measured on a GPU.
+    "adamw": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
+    "lion": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
     # Gradient clipping (issue 5): same reasoning as multi_tensor_scale, not yet measured.
     "multi_tensor_norm": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
     "multi_tensor_clamp": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
