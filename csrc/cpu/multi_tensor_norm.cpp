@@ -45,6 +45,7 @@ void finalize_cpu(const float* partials, int64_t n, flm::NormOp<K> op, float max
   const float norm = op.finish(acc);
   out[0] = norm;
   out[1] = flm::clip_coefficient(norm, max_norm);
+  out[2] = flm::nonfinite_flag(norm);
 }
 
 void check_kind(int64_t kind) {
@@ -79,9 +80,10 @@ void norm_finalize_cpu(const at::Tensor& partials, const at::Tensor& out, int64_
   TORCH_CHECK(partials.scalar_type() == c10::ScalarType::Float && partials.is_contiguous() &&
                   partials.device().is_cpu(),
               "fused_lm: partials must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(out.scalar_type() == c10::ScalarType::Float && out.numel() == 2 &&
+  TORCH_CHECK(out.scalar_type() == c10::ScalarType::Float && out.numel() == 3 &&
                   out.is_contiguous() && out.device().is_cpu(),
-              "fused_lm: out must be a contiguous float32 CPU tensor of 2 elements (norm, coefficient)");
+              "fused_lm: out must be a contiguous float32 CPU tensor of 3 elements (norm, "
+              "coefficient, non-finite flag)");
   using flm::NormKind;
   const float* in = partials.data_ptr<float>();
   const int64_t n = partials.numel();

@@ -4,7 +4,8 @@
 //                     for float32 when aligned) with NormOp::term/combine, then a warp-shuffle +
 //                     shared-memory block reduction writes ONE float32 per chunk.
 //   finalise kernel   one block reduces every partial (of every dtype bucket of the device),
-//                     writes out[0] = norm and out[1] = clip coefficient.
+//                     writes out = [norm, clip coefficient, 1 if the norm is not finite else 0]
+//                     (the last two are what an optimizer step with max_grad_norm reads).
 //
 // Bytes moved: numel * sizeof(T) read (+ 4 bytes per chunk of 16384 elements, negligible), so the
 // partials pass should run at the read bandwidth of the GPU.
@@ -85,6 +86,7 @@ norm_finalize_kernel(const float* __restrict__ partials, int64_t n, NormOp<K> op
     const float norm = op.finish(acc);
     out[0] = norm;
     out[1] = clip_coefficient(norm, max_norm);
+    out[2] = nonfinite_flag(norm);
   }
 }
 

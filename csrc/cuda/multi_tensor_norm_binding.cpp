@@ -40,9 +40,10 @@ void norm_finalize_cuda(const at::Tensor& partials, const at::Tensor& out, int64
                         double max_norm, int64_t stream) {
   TORCH_CHECK(kind >= 0 && kind <= 4, "fused_lm: norm kind must be in [0, 4], got ", kind);
   check_partials(partials, partials.numel(), out);
-  TORCH_CHECK(out.scalar_type() == c10::ScalarType::Float && out.numel() == 2 &&
+  TORCH_CHECK(out.scalar_type() == c10::ScalarType::Float && out.numel() == 3 &&
                   out.is_contiguous(),
-              "fused_lm: out must be a contiguous float32 tensor of 2 elements (norm, coefficient)");
+              "fused_lm: out must be a contiguous float32 tensor of 3 elements (norm, coefficient, "
+              "non-finite flag)");
   const int err = flm::launch_multi_tensor_norm_finalize(
       partials.data_ptr<float>(), partials.numel(), static_cast<int>(kind), static_cast<float>(p),
       static_cast<float>(max_norm), out.data_ptr<float>(), reinterpret_cast<void*>(stream));

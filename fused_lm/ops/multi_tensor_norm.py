@@ -11,9 +11,10 @@ Two passes over the tensor table (ops/_multi_tensor.py), whatever the number of 
    elements reduces its slice to ONE float32 (sum of |x|, of x^2, of |x|^p, or max/min of |x|)
    into a per-device ``partials`` buffer. Tensors of several dtypes on one device are one launch
    per dtype, each writing its own slice of the same buffer.
-2. finalise: one program reduces the device's partials and writes ``out = [norm, coef]`` with
-   ``coef = clamp(max_norm / (norm + 1e-6), max=1)``, the clip coefficient, so clipping needs no
-   further small launch.
+2. finalise: one program reduces the device's partials and writes ``out = [norm, coef, flag]``
+   with ``coef = clamp(max_norm / (norm + 1e-6), max=1)``, the clip coefficient, and ``flag`` = 1
+   when the norm is not finite (an optimizer step with ``max_grad_norm`` skips then, as with
+   GradScaler's found_inf), so clipping needs no further small launch.
 
 Accumulation is float32 for every storage dtype (bf16/fp16 values are widened on load); the
 result is a float32 0-d tensor on the first tensor's device (float64 when a tensor is float64,
@@ -133,6 +134,7 @@ if triton is not None:
         coef = tl.where(coef > 1.0, 1.0, coef)
         tl.store(out_ptr, norm)
         tl.store(out_ptr + 1, coef)
+        tl.store(out_ptr + 2, tl.where(norm - norm == 0.0, 0.0, 1.0))   # x - x: NaN iff NaN or inf
 
 
 # BLOCK 1024 elements x 16 iterations = one CHUNK per program (as multi_tensor_scale). Not yet
@@ -192,7 +194,7 @@ def _launch_partials(which: str, group: list[torch.Tensor], dtype: torch.dtype, 
 
 
 def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm: float) -> torch.Tensor:
-    out = torch.empty(2, dtype=torch.float32, device=partials.device)
+    out = torch.empty(3, dtype=torch.float32, device=partials.device)
     if which == "triton":
         _norm_finalize_kernel[(1,)](partials, partials.numel(), out, p, float(max_norm), KIND=kind,
                                     BLOCK=_FINAL_BLOCK)
@@ -204,7 +206,7 @@ def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm:
 
 def _route_norms(tensors: list[torch.Tensor], kind: int, p: float, max_norm: float,
                  backend: str | None) -> list[torch.Tensor]:
-    """One result per (device, route): a float32 (2,) tensor [norm, coef] from each kernel route
+    """One result per (device, route): a float32 (3,) tensor [norm, coef, flag] from each kernel route
     (one partials buffer and one finalise per device and backend), or a 0-d norm from the torch
     route (dtypes the kernels do not take, or backend="torch")."""
     routes: OrderedDict[tuple, list[tuple[torch.dtype, list[torch.Tensor]]]] = OrderedDict()
@@ -243,33 +245,47 @@ def _count_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tens
     return (torch.stack(counts) > 0).sum().to(torch.float32)
 
 
-def multi_tensor_norm_and_coef(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
-                               max_norm: float = 1.0, *, backend: str | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global norm, clip coefficient) of ``tensors`` as two float32 0-d tensors on the first
-    tensor's device (no host synchronisation). An empty list gives ``(tensor(0.), tensor(1.))`` on
-    the CPU, as torch's ``get_total_norm`` returns ``tensor(0.)``."""
+def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
+    """float32 0-d: 1 when ``norm`` is NaN or +-inf, else 0 (torch ops)."""
+    return (~torch.isfinite(norm)).to(torch.float32)
+
+
+def multi_tensor_norm_coef_flag(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
+                                max_norm: float = 1.0, *, backend: str | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global norm, clip coefficient, non-finite flag) of ``tensors`` as float32 0-d tensors on
+    the first tensor's device (no host synchronisation). With one device and kernel dtypes the
+    three come from the finalise launch; otherwise per-device norms are combined with torch ops.
+    An empty list gives ``(tensor(0.), tensor(1.), tensor(0.))`` on the CPU, as torch's
+    ``get_total_norm`` returns ``tensor(0.)``."""
     tensors = list(tensors)
     _check(tensors)
     if not tensors:
         norm = torch.zeros((), dtype=torch.float32)
-        return norm, clip_coef(norm, max_norm)
+        return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
     first = tensors[0].device
     p = float(norm_type)
     if p == 0.0:
         norm = _count_norm(tensors, first)
-        return norm, clip_coef(norm, max_norm)
+        return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
     kind, p = norm_kind(p)
     results = _route_norms(tensors, kind, p, max_norm, backend)
     if len(results) == 1 and results[0].dim() == 1 and results[0].device == first:
-        return results[0][0], results[0][1]
+        return results[0][0], results[0][1], results[0][2]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if not results:
         norm = torch.full((), empty_norm(p), dtype=dtype, device=first)
     else:
         norms = [r[0] if r.dim() == 1 else r for r in results]
         norm = torch.linalg.vector_norm(torch.stack([n.to(first, dtype) for n in norms]), p)
-    return norm, clip_coef(norm, max_norm)
+    return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
+
+
+def multi_tensor_norm_and_coef(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
+                               max_norm: float = 1.0, *, backend: str | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global norm, clip coefficient): ``multi_tensor_norm_coef_flag`` without the flag."""
+    return multi_tensor_norm_coef_flag(tensors, norm_type, max_norm, backend=backend)[:2]
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,

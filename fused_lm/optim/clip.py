@@ -61,11 +61,12 @@ from typing import Iterable
 import torch
 
 from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
-from fused_lm.ops.multi_tensor_norm import clip_coef, multi_tensor_norm_and_coef
+from fused_lm.ops.multi_tensor_norm import (clip_coef, multi_tensor_norm_and_coef,
+                                             multi_tensor_norm_coef_flag, nonfinite_flag)
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_",
-           "total_norm_and_coef"]
+           "total_norm_and_coef", "total_norm_coef_flag"]
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
@@ -126,14 +127,23 @@ def _allreduce_norm(norm: torch.Tensor, p: float, groups: list) -> torch.Tensor:
 def total_norm_and_coef(tensors: list[torch.Tensor], norm_type: float = 2.0, max_norm: float = 1.0,
                         *, process_group=None, backend: str | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global norm, clip coefficient) of ``tensors`` (plain tensors or DTensors) as 0-d tensors on
-    the first tensor's (local) device, with no host synchronisation. DTensor partials are reduced
-    over the mesh dimensions they are sharded on; plain tensors' partials over ``process_group``
-    when given (ZeRO-style sharding), else taken as global (single process, DDP)."""
+    """(global norm, clip coefficient): ``total_norm_coef_flag`` without the flag."""
+    return total_norm_coef_flag(tensors, norm_type, max_norm, process_group=process_group,
+                                backend=backend)[:2]
+
+
+def total_norm_coef_flag(tensors: list[torch.Tensor], norm_type: float = 2.0, max_norm: float = 1.0,
+                         *, process_group=None, backend: str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global norm, clip coefficient, non-finite flag) of ``tensors`` (plain tensors or DTensors)
+    as float32 0-d tensors on the first tensor's (local) device, with no host synchronisation.
+    DTensor partials are reduced over the mesh dimensions they are sharded on; plain tensors'
+    partials over ``process_group`` when given (ZeRO-style sharding), else taken as global
+    (single process, DDP)."""
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
         if process_group is None:
-            return multi_tensor_norm_and_coef(tensors, norm_type, max_norm, backend=backend)
+            return multi_tensor_norm_coef_flag(tensors, norm_type, max_norm, backend=backend)
     p = float(norm_type)
     if p == 0.0:
         raise NotImplementedError("norm_type=0 (torch's count of non-zero gradients) is not defined "
@@ -171,7 +181,7 @@ def total_norm_and_coef(tensors: list[torch.Tensor], norm_type: float = 2.0, max
     else:
         dtype = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
         norm = torch.linalg.vector_norm(torch.stack([x.to(dtype) for x in parts]), p)
-    return norm, clip_coef(norm, max_norm)
+    return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
 
 
 def _raise_if_nonfinite(norm: torch.Tensor, norm_type: float) -> None:

@@ -20,7 +20,8 @@ import torch
 
 import fused_lm
 from fused_lm.ops import _multi_tensor as mt
-from fused_lm.ops.multi_tensor_norm import multi_tensor_norm, multi_tensor_norm_and_coef
+from fused_lm.ops.multi_tensor_norm import (multi_tensor_norm, multi_tensor_norm_and_coef,
+                                             multi_tensor_norm_coef_flag)
 from fused_lm.reference import clip as ref
 from tests._helpers import HAS_CUDA, assert_close, backend_devices, poison_allocations, randn
 
@@ -109,8 +110,14 @@ def test_nonfinite_values(backend, device, p):
     assert (got.isinf() == want.isinf()).item() and (got.isnan() == want.isnan()).item()
     if p > 0:
         assert got.item() == math.inf
+        assert multi_tensor_norm_coef_flag(xs, p, backend=backend)[2].item() == 1.0
     xs[0][3] = float("nan")
-    assert multi_tensor_norm(xs, p, backend=backend).isnan().item(), f"NaN lost for p={p}"
+    norm, coef, flag = multi_tensor_norm_coef_flag(xs, p, backend=backend)
+    assert norm.isnan().item() and coef.isnan().item(), f"NaN lost for p={p}"
+    assert flag.item() == 1.0
+    xs[0][3] = 0.5
+    xs[1][mt.CHUNK + 2] = 0.5
+    assert multi_tensor_norm_coef_flag(xs, p, backend=backend)[2].item() == 0.0
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

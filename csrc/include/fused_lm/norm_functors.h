@@ -74,6 +74,10 @@ FLM_HD float clip_coefficient(float norm, float max_norm) {
   return c > 1.0f ? 1.0f : c;
 }
 
+// 1 when the norm is NaN or +-inf, else 0: the "skip this step" flag of an optimizer step with
+// max_grad_norm (as GradScaler's found_inf). x - x is NaN exactly for NaN and infinities.
+FLM_HD float nonfinite_flag(float norm) { return (norm - norm == 0.0f) ? 0.0f : 1.0f; }
+
 // clip_grad_value_: x = clamp_max(clamp_min(x, lo), hi) in that order (torch's foreach order, so
 // lo > hi gives hi everywhere, as torch does); NaN stays NaN.
 struct ClampOp {
