@@ -384,8 +384,10 @@ def test_torch_compile_fullgraph_traces_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(monkeypatch):
     from fused_lm.nn.functional import flash_attention
+
+    monkeypatch.setenv("FUSED_LM_CHECK", "1")     # cu_seqlens values are read on CUDA only then
 
     q, k, v = _inputs((1, 8, 2, 16), (1, 8, 2, 16), torch.float32)
     with pytest.raises(TypeError, match="share a dtype"):
