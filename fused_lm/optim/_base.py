@@ -68,7 +68,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None,
                  master_weights: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False):
+                 stochastic_rounding: bool = False, max_grad_norm: float | None = None,
+                 grad_norm_process_group=None):
+        if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: expected a positive number or None")
         if backend is not None and backend not in _backend.BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {', '.join(_backend.BACKENDS)} or None")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
@@ -84,6 +87,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         self._tables: dict[tuple, tuple] = {}
         self._hp: dict[torch.device, tuple] = {}
         self._consts: dict[torch.device, tuple] = {}
+        # Gradient clipping folded into the step (issue 5; see _prepare_clip).
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.grad_norm_process_group = grad_norm_process_group
+        self.grad_norm: torch.Tensor | None = None
+        self._clip: tuple | None = None
         super().__init__(params, defaults)
 
     # -- subclass hooks ------------------------------------------------------------------------
@@ -120,7 +128,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for name, value in (("backend", None), ("master_weights", False), ("state_dtype", None),
-                            ("stochastic_rounding", False), ("_seed", 0)):
+                            ("stochastic_rounding", False), ("_seed", 0), ("max_grad_norm", None),
+                            ("grad_norm_process_group", None), ("grad_norm", None), ("_clip", None)):
             if not hasattr(self, name):
                 setattr(self, name, value)
         for attr in ("_tables", "_hp", "_consts"):
@@ -206,7 +215,37 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         skip = zero
         if found_inf is not None:
             skip = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        if self._clip is not None:   # fold the clip coefficient and the non-finite-norm flag in
+            coef, flag = (t.to(device, non_blocking=True) for t in self._clip)
+            mult = coef if mult is one else mult * coef
+            skip = flag if skip is zero else torch.maximum(skip, flag)
         return mult, skip
+
+    def _prepare_clip(self, items) -> None:
+        """With ``max_grad_norm`` set: the global L2 norm of the step's gradients, on the device,
+        in a constant number of launches (fused_lm.optim.clip; DTensor gradients are reduced over
+        their mesh, plain ones over ``grad_norm_process_group`` when set), then the coefficient
+        clamp(max_grad_norm / (norm + 1e-6), max=1) that ``_grad_multiplier_and_skip`` folds into
+        the kernels' gradient multiplier (gradients are not rewritten) and the flag that skips
+        the step when the norm is not finite. Under GradScaler the gradients are scaled: the norm
+        of the unscaled ones is norm * (1 / grad_scale). ``self.grad_norm`` keeps the pre-clip
+        norm (a float32 0-d tensor)."""
+        if self.max_grad_norm is None:
+            self._clip = None
+            return
+        from fused_lm.ops.multi_tensor_norm import clip_coef, nonfinite_flag
+        from fused_lm.optim.clip import total_norm_coef_flag
+
+        norm, coef, flag = total_norm_coef_flag([g for _, _, g in items], 2.0, self.max_grad_norm,
+                                                process_group=self.grad_norm_process_group,
+                                                backend=self.backend)
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:
+            norm = norm * torch.reciprocal(scale.to(device=norm.device, dtype=torch.float32,
+                                                    non_blocking=True).reshape(()))
+            coef, flag = clip_coef(norm, self.max_grad_norm), nonfinite_flag(norm)
+        self.grad_norm = norm
+        self._clip = (coef, flag)
 
     def _hp_table(self, device: torch.device) -> torch.Tensor:
         """(n_groups, HP_COLS) float32 on ``device``: cached while the float hyperparameters stay
@@ -364,6 +403,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if not items:
             return loss
         buckets = self._buckets(items)
+        self._prepare_clip(items)
         scalars: dict[torch.device, tuple] = {}
         hps: dict[torch.device, torch.Tensor] = {}
         k = self._KERNELS

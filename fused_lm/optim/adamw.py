@@ -26,6 +26,18 @@ class AdamW(_MultiTensorOptimizer):
         stochastic_rounding: round bf16 parameter updates stochastically with counter-based
             random bits of (seed, step, tensor, element); the seed is saved in ``state_dict()``
             so a resumed run is bit-identical. Other dtypes round to nearest.
+        max_grad_norm: clip the gradients to this global L2 norm inside the step: the norm is
+            computed on the device (a constant number of launches) and the update kernel
+            multiplies each gradient by clamp(max_grad_norm / (norm + 1e-6), max=1) as it reads
+            it; gradients are not rewritten. Equal, within rounding, to
+            ``clip_grad_norm_(params, max_grad_norm)`` then ``step()``; under GradScaler the norm
+            is of the unscaled gradients, and a non-finite norm skips the step like found_inf.
+            ``optimizer.grad_norm`` holds the pre-clip norm of the last step (a 0-d tensor).
+        grad_norm_process_group: with ``max_grad_norm``, a process group whose ranks hold
+            DISJOINT slices of the gradients (ZeroRedundancyOptimizer: pass it through ZeRO's
+            ``**defaults``, or set ``zero.optim.grad_norm_process_group``); the partial norms are
+            all-reduced over it. Not needed under DDP (gradients already global) nor FSDP2
+            (DTensor gradients are reduced over their mesh).
 
     ``step()`` never synchronises with the host, honours ``torch.amp.GradScaler`` (unscales in
     the kernel and skips everything, step counts included, on ``found_inf``) and can be captured
@@ -40,12 +52,14 @@ class AdamW(_MultiTensorOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, backend: str | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False):
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_process_group=None):
         check_lr_betas(lr, betas, weight_decay, eps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         max_grad_norm=max_grad_norm, grad_norm_process_group=grad_norm_process_group)
 
     @staticmethod
     def _validate_hparams(group: dict) -> None:

@@ -27,12 +27,14 @@ class Lion(_MultiTensorOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-4, betas=(0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
                  backend: str | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False):
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_process_group=None):
         check_lr_betas(lr, betas, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                         maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         max_grad_norm=max_grad_norm, grad_norm_process_group=grad_norm_process_group)
 
     @staticmethod
     def _validate_hparams(group: dict) -> None:
