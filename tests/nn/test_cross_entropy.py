@@ -200,6 +200,16 @@ def test_out_of_range_targets_raise_on_cpu(backend, device):
             cross_entropy(x, t, backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_second_backward_raises(backend, device):
+    """The stored gradient is consumed in place: a retained graph cannot silently reuse it."""
+    x = randn(4, 50, device=device).requires_grad_()
+    loss = cross_entropy(x, torch.randint(0, 50, (4,), device=device), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
 def test_bad_arguments():
     x, t = randn(4, 10), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="reduction"):
