@@ -1,0 +1,250 @@
+// AdamW and Lion update functors, shared by the CUDA kernels (csrc/cuda/optim_*.cu) and the CPU
+// kernels (csrc/cpu/optim.cpp): the CPU CI runs the very arithmetic of the GPU.
+//
+// Both follow the Op protocol of multi_tensor_apply.cuh. Per chunk, context() reads the
+// hyperparameters of the chunk's param group from the device table `hp` (row layout in
+// fused_lm/ops/_optim_common.py: lr, beta1, beta2, eps, weight_decay, grad_sign), the tensor's
+// step count through `step_table` (int64 addresses of float32 counters, indexed by the chunk's
+// tensor), and the device scalars grad_mult (1/loss scale x clip coefficient) and skip
+// (found_inf: the whole chunk is left untouched). Per element, float32 math only.
+//
+// Instantiations are kept few (compile time): templates over the storage types (param P, state S)
+// and the list layout (amsgrad, master weights); maximize is a sign in `hp`, stochastic rounding
+// a runtime flag. Supported (P, S): S in {float, bf16, P}; master weights only for 16-bit P.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "dtypes.h"
+#include "launch.h"
+#include "macros.h"
+#include "tensor_table.h"
+
+namespace flm {
+
+constexpr int kHpCols = 8;
+
+// ---- counter-based random bits for stochastic rounding (twin of ops/_optim_common.py) --------
+
+// MurmurHash3's 32-bit finaliser: a bijection with full avalanche.
+FLM_HD uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Key of one (tensor, step) pair; the bits of element i are fmix32(key ^ uint32(i)).
+FLM_HD uint32_t sr_key(uint32_t seed, float step, int64_t tensor) {
+  const uint32_t a = fmix32(uint32_t(tensor) + 0x9e3779b9u);
+  const uint32_t b = fmix32(a ^ uint32_t(step));
+  return fmix32(b ^ seed);
+}
+
+// float32 -> a bf16-representable float32, rounded up with probability equal to the discarded
+// fraction (16 random bits added below the bf16 mantissa, then truncation). E[result] = x.
+FLM_HD float stochastic_round_bf16(float x, uint32_t bits) {
+  const uint32_t u = f32_bits(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;  // inf / NaN: round to nearest
+  return bits_f32((u + (bits & 0xffffu)) & 0xffff0000u);
+}
+
+template <typename P>
+FLM_HD float round_param(float p, bool sr, uint32_t key, int64_t index) {
+  if constexpr (std::is_same<P, bf16>::value) {
+    if (sr) return stochastic_round_bf16(p, fmix32(key ^ uint32_t(index)));
+  }
+  return p;  // the apply loop stores it with round-to-nearest-even
+}
+
+// The pointers every optimizer op reads (built by the bindings).
+struct OptimArgs {
+  const float* hp;             // (n_groups, kHpCols)
+  const int64_t* step_table;   // (n_tensors,) addresses of float32 step counters
+  int64_t n_tensors;
+  const float* grad_mult;      // scalar
+  const float* skip;           // scalar, nonzero = leave everything untouched
+  uint32_t seed;
+  bool sr;                     // stochastic rounding of bf16 params
+};
+
+FLM_HD float step_of(const OptimArgs& a, int64_t tensor) {
+  return *reinterpret_cast<const float*>(a.step_table[tensor]);
+}
+
+// ---- AdamW ---------------------------------------------------------------------------------
+// lists: 0 param (P), 1 grad (P), 2 exp_avg (S), 3 exp_avg_sq (S), [max_exp_avg_sq (S)],
+// [master (float)]. With a master copy the update applies to it and the param is its rounding.
+template <typename P, typename S, bool kAmsgrad, bool kMaster>
+struct AdamWOp {
+  static constexpr int kVmax = 4;
+  static constexpr int kMasterList = 4 + (kAmsgrad ? 1 : 0);
+  static constexpr int kLists = 4 + (kAmsgrad ? 1 : 0) + (kMaster ? 1 : 0);
+  static constexpr unsigned kWriteMask =
+      1u | 4u | 8u | (kAmsgrad ? 1u << kVmax : 0u) | (kMaster ? 1u << kMasterList : 0u);
+  OptimArgs a;
+
+  struct Ctx {
+    bool skip;
+    float mult, decay, b1, b2, eps, step_size, sqrt_bc2;
+    uint32_t key;
+  };
+
+  FLM_HD Ctx context(const ChunkView& c) const {
+    Ctx x;
+    x.skip = *a.skip != 0.0f;
+    const float* h = a.hp + c.group * kHpCols;
+    const float lr = h[0];
+    x.b1 = h[1];
+    x.b2 = h[2];
+    x.eps = h[3];
+    x.decay = 1.0f - lr * h[4];
+    x.mult = *a.grad_mult * h[5];
+    const float t = step_of(a, c.tensor);
+    x.step_size = lr / (1.0f - powf(x.b1, t));          // lr / bias_correction1
+    x.sqrt_bc2 = sqrtf(1.0f - powf(x.b2, t));
+    x.key = a.sr ? sr_key(a.seed, t, c.tensor) : 0u;
+    return x;
+  }
+
+  FLM_HD void operator()(const Ctx& x, float* v, int64_t index) const {
+    const float g = v[1] * x.mult;
+    float p;
+    if constexpr (kMaster) p = v[kMasterList]; else p = v[0];
+    p *= x.decay;
+    const float m = v[2] + (1.0f - x.b1) * (g - v[2]);   // lerp(m, g, 1 - b1)
+    const float s = x.b2 * v[3] + (1.0f - x.b2) * g * g;
+    float vh = s;
+    if constexpr (kAmsgrad) {
+      const float vm = v[kVmax];
+      vh = (s > vm || s != s) ? s : vm;                   // torch.maximum (NaN propagates)
+      v[kVmax] = vh;
+    }
+    p -= x.step_size * (m / (sqrtf(vh) / x.sqrt_bc2 + x.eps));
+    v[2] = m;
+    v[3] = s;
+    if constexpr (kMaster) v[kMasterList] = p;
+    v[0] = round_param<P>(p, a.sr, x.key, index);
+  }
+};
+
+// ---- Lion ----------------------------------------------------------------------------------
+// lists: 0 param (P), 1 grad (P), 2 exp_avg (S), [master (float)].
+template <typename P, typename S, bool kMaster>
+struct LionOp {
+  static constexpr int kMasterList = 3;
+  static constexpr int kLists = 3 + (kMaster ? 1 : 0);
+  static constexpr unsigned kWriteMask = 1u | 4u | (kMaster ? 8u : 0u);
+  OptimArgs a;
+
+  struct Ctx {
+    bool skip;
+    float mult, decay, lr, b1, b2;
+    uint32_t key;
+  };
+
+  FLM_HD Ctx context(const ChunkView& c) const {
+    Ctx x;
+    x.skip = *a.skip != 0.0f;
+    const float* h = a.hp + c.group * kHpCols;
+    x.lr = h[0];
+    x.b1 = h[1];
+    x.b2 = h[2];
+    x.decay = 1.0f - x.lr * h[4];
+    x.mult = *a.grad_mult * h[5];
+    x.key = a.sr ? sr_key(a.seed, step_of(a, c.tensor), c.tensor) : 0u;
+    return x;
+  }
+
+  FLM_HD void operator()(const Ctx& x, float* v, int64_t index) const {
+    const float g = v[1] * x.mult;
+    float p;
+    if constexpr (kMaster) p = v[kMasterList]; else p = v[0];
+    const float c = x.b1 * v[2] + (1.0f - x.b1) * g;
+    const float sign = float(c > 0.0f) - float(c < 0.0f);
+    p = p * x.decay - x.lr * sign;
+    v[2] = x.b2 * v[2] + (1.0f - x.b2) * g;
+    if constexpr (kMaster) v[kMasterList] = p;
+    v[0] = round_param<P>(p, a.sr, x.key, index);
+  }
+};
+
+// ---- runtime dtype/flag dispatch (host code shared by the CPU and CUDA launchers) ------------
+
+template <typename... Ts> struct TypeList {};
+
+template <typename P, typename S, bool A, bool M> struct AdamWTag {
+  using Op = AdamWOp<P, S, A, M>;
+  using Lists = typename std::conditional<
+      A, typename std::conditional<M, TypeList<P, P, S, S, S, float>, TypeList<P, P, S, S, S>>::type,
+      typename std::conditional<M, TypeList<P, P, S, S, float>, TypeList<P, P, S, S>>::type>::type;
+};
+
+template <typename P, typename S, bool M> struct LionTag {
+  using Op = LionOp<P, S, M>;
+  using Lists = typename std::conditional<M, TypeList<P, P, S, float>, TypeList<P, P, S>>::type;
+};
+
+// Calls f(Tag{}) for the instantiation matching the runtime choice; false if unsupported.
+template <typename P, typename S, typename F>
+bool adamw_flags(bool amsgrad, bool master, F&& f) {
+  if constexpr (std::is_same<P, float>::value) {
+    if (master) return false;
+    amsgrad ? f(AdamWTag<P, S, true, false>{}) : f(AdamWTag<P, S, false, false>{});
+  } else {
+    if (master) {
+      amsgrad ? f(AdamWTag<P, S, true, true>{}) : f(AdamWTag<P, S, false, true>{});
+    } else {
+      amsgrad ? f(AdamWTag<P, S, true, false>{}) : f(AdamWTag<P, S, false, false>{});
+    }
+  }
+  return true;
+}
+
+template <typename P, typename S, typename F>
+bool lion_flags(bool /*amsgrad*/, bool master, F&& f) {
+  if constexpr (std::is_same<P, float>::value) {
+    if (master) return false;
+    f(LionTag<P, S, false>{});
+  } else {
+    master ? f(LionTag<P, S, true>{}) : f(LionTag<P, S, false>{});
+  }
+  return true;
+}
+
+struct AdamWFamily {
+  template <typename P, typename S, typename F>
+  static bool flags(bool amsgrad, bool master, F&& f) { return adamw_flags<P, S>(amsgrad, master, f); }
+};
+struct LionFamily {
+  template <typename P, typename S, typename F>
+  static bool flags(bool amsgrad, bool master, F&& f) { return lion_flags<P, S>(amsgrad, master, f); }
+};
+
+template <typename Family, typename P, typename F>
+bool optim_by_state(DType s, bool amsgrad, bool master, F&& f) {
+  switch (s) {
+    case DType::kFloat32: return Family::template flags<P, float>(amsgrad, master, f);
+    case DType::kBFloat16: return Family::template flags<P, bf16>(amsgrad, master, f);
+    case DType::kFloat16:
+      if constexpr (std::is_same<P, fp16>::value) return Family::template flags<P, fp16>(amsgrad, master, f);
+      return false;
+  }
+  return false;
+}
+
+// Dispatches (param dtype, state dtype, amsgrad, master) to f(Tag{}); false when unsupported.
+template <typename Family, typename F>
+bool optim_dispatch(DType p, DType s, bool amsgrad, bool master, F&& f) {
+  switch (p) {
+    case DType::kFloat32: return optim_by_state<Family, float>(s, amsgrad, master, f);
+    case DType::kBFloat16: return optim_by_state<Family, bf16>(s, amsgrad, master, f);
+    case DType::kFloat16: return optim_by_state<Family, fp16>(s, amsgrad, master, f);
+  }
+  return false;
+}
+
+}  // namespace flm
