@@ -27,7 +27,9 @@ from tests._helpers import HAS_CUDA, assert_close, backend_devices, poison_alloc
 
 # Under the interpreter, numpy warns on log2(0) inside |x|^p = 2^(p log2|x|) (the result, 0 or
 # inf, is the intended one).
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+# The finalise's non-finite flag computes norm - norm (inf - inf = NaN, the intended test).
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.0, 0.5, -1.5, -math.inf, 0.0]
 # Sizes around the Triton BLOCK (1024), the CUDA block (256 x 4) and the CHUNK (16384); 0-d, empty,
@@ -270,12 +272,16 @@ def _batch():
 
 
 DIST_NORMS = [2.0, 1.0, math.inf, 3.0]
+STEP_HYPER = dict(lr=1e-2, max_grad_norm=0.05)
+STEPS_DIST = 2
 
 
 def _dist_worker(rank, store_dir, backends, out_dir):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fused_lm.optim import AdamW
 
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=30))
@@ -312,6 +318,27 @@ def _dist_worker(rank, store_dir, backends, out_dir):
                 mine[0][0] = float("nan")
             results[("pg-nan", backend)] = fused_lm.get_total_norm(
                 mine, math.inf, process_group=dist.group.WORLD, backend=backend).item()
+            # max_grad_norm in the step: FSDP2 (DTensor gradients) and ZeroRedundancyOptimizer
+            # (each rank steps a disjoint slice; the norm is reduced over grad_norm_process_group).
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            model = _model()
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer)
+            fully_shard(model)
+            opt = AdamW(model.parameters(), **STEP_HYPER, backend=backend)
+            ddp = DDP(_model())
+            zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=AdamW, **STEP_HYPER,
+                                           backend=backend, grad_norm_process_group=dist.group.WORLD)
+            for _ in range(STEPS_DIST):
+                for m, o in ((model, opt), (ddp, zero)):
+                    torch.nn.functional.mse_loss(m(xs), ys).backward()
+                    o.step()
+                    o.zero_grad()
+            results[("fsdp2-step", backend)] = ([q.full_tensor() for q in model.parameters()],
+                                                opt.grad_norm.item())
+            results[("zero-step", backend)] = ([q.detach().clone() for q in ddp.parameters()],
+                                               zero.optim.grad_norm.item())
     except Exception as exc:  # reported by the parent, with the rank
         import traceback
 
@@ -386,3 +413,115 @@ def test_process_group_norm_equals_single_process(dist_results):
                              scale=_norm_tol(p), what=f"pg {backend} p={p}")
         for r in range(WORLD):  # NaN on rank 1 only reaches every rank
             assert math.isnan(results[r][("pg-nan", backend)])
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: max_grad_norm folded into the optimizer step.
+
+from fused_lm.optim import AdamW, Lion  # noqa: E402
+
+OPTS = {"adamw": (AdamW, dict(lr=1e-2, weight_decay=0.1)), "lion": (Lion, dict(lr=1e-3, weight_decay=0.1))}
+STEP_SPEC = [((3, 5), torch.float32), ((mt.CHUNK + 3,), torch.float32), ((), torch.float32),
+             ((17,), torch.bfloat16), ((1,), torch.float32)]
+
+
+def _step_params(device):
+    return [torch.nn.Parameter(randn(*s, dtype=d, device=device)) for s, d in STEP_SPEC]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("name", list(OPTS))
+def test_fused_clip_step_equals_clip_then_step(backend, device, name):
+    cls, hyper = OPTS[name]
+    pa, pb = _step_params(device), None
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    fused = cls(pa, **hyper, backend=backend, max_grad_norm=0.5)
+    plain = cls(pb, **hyper, backend=backend)
+    for it, scale in enumerate((1.0, 1e-4, 3.0)):       # clipped, not clipped (coef 1), clipped
+        grads = [randn(*s, dtype=d, device=device, scale=scale) for s, d in STEP_SPEC]
+        for p, q, g in zip(pa, pb, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        want = fused_lm.clip_grad_norm_(pb, 0.5, backend=backend)
+        plain.step()
+        fused.step()
+        assert_close(fused.grad_norm, want, torch.float32, what=f"grad_norm step {it}")
+        for p, g in zip(pa, grads):
+            assert torch.equal(p.grad, g), "the fused step must not rewrite gradients"
+        for p, q in zip(pa, pb):
+            # bf16: clip-then-step rounds the scaled gradient to bf16, the fused step does not.
+            assert_close(p, q, p.dtype, scale=2.0, what=f"{name} step {it}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_fused_clip_nonfinite_norm_skips(backend, device):
+    ps = _step_params(device)
+    opt = AdamW(ps, lr=1e-2, backend=backend, max_grad_norm=1.0)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    steps = [opt.state[p]["step"].clone() for p in ps]
+    ps[1].grad[5] = float("nan")
+    opt.step()
+    assert opt.grad_norm.isnan().item()
+    for p, b, s in zip(ps, before, steps):
+        assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["step"], s), "step not skipped"
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        AdamW(ps, max_grad_norm=0.0)
+    assert AdamW(ps).grad_norm is None
+
+
+def _amp_model(device):
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices(("triton", "cpu", "cuda", "torch")))
+def test_fused_clip_with_grad_scaler_and_accumulation(backend, device):
+    """GradScaler (scaled gradients, an injected inf) and two accumulated micro-batches per step:
+    max_grad_norm in the step == unscale_, clip_grad_norm_, step."""
+    ma, mb = _amp_model(device), _amp_model(device)
+    oa = AdamW(ma.parameters(), lr=1e-2, backend=backend, max_grad_norm=0.3)
+    ob = AdamW(mb.parameters(), lr=1e-2, backend=backend)
+    sa = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=2)
+    sb = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=2)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        xs = [torch.randn(5, 8, generator=gen).to(device) for _ in range(2)]
+        for model, scaler in ((ma, sa), (mb, sb)):
+            for x in xs:                                           # accumulate two micro-batches
+                scaler.scale(model(x).pow(2).mean() * 10).backward()
+            if step == 2:                                          # an overflow: both skip
+                next(model.parameters()).grad[0, 0] = float("inf")
+        sb.unscale_(ob)
+        want = torch.nn.utils.clip_grad_norm_(mb.parameters(), 0.3)
+        sa.step(oa)
+        sb.step(ob)
+        sa.update()
+        sb.update()
+        if step != 2:
+            assert_close(oa.grad_norm, want, torch.float32, scale=2.0, what=f"grad_norm step {step}")
+        assert sa.get_scale() == sb.get_scale()
+        for p, q in zip(ma.parameters(), mb.parameters()):
+            assert_close(p, q, torch.float32, scale=5.0, what=f"params after step {step}")
+        oa.zero_grad()
+        ob.zero_grad()
+
+
+def test_fused_clip_step_fsdp2_and_zero_equal_single_process(dist_results):
+    backends, results = dist_results
+    x, y = _batch()
+    for backend in backends:
+        model = _model()
+        opt = AdamW(model.parameters(), **STEP_HYPER, backend=backend)
+        for _ in range(STEPS_DIST):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        for mode in ("fsdp2-step", "zero-step"):
+            for r in range(WORLD):
+                params, norm = results[r][(mode, backend)]
+                assert_close(torch.tensor(norm), opt.grad_norm, torch.float32, scale=10,
+                             what=f"{mode} {backend} grad_norm")
+                for got, want in zip(params, model.parameters()):
+                    assert_close(got, want, torch.float32, scale=10, what=f"{mode} {backend} rank {r}")
