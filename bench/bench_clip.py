@@ -103,8 +103,68 @@ def _torch(op, foreach, shapes, dtype, device, footprint):
 
 
 def _fused_step_cases(device: torch.device, quick: bool) -> list[Case]:
-    """Phase 2 (clip folded into the optimizer step) adds its cases here."""
-    return []
+    """Clip + AdamW step (issue 5, phase 2), fp32, on the optimizer family's parameter lists.
+
+    Bytes per step: the minimum traffic of clipping folded into AdamW, 32 B per parameter = the
+    norm pass (read g, 4 B) + the AdamW step (read p, g, m, v; write p, m, v: 28 B). The same
+    formula for every provider, so GB/s compare times; torch's unfused path moves 40 B (its scale
+    pass reads and writes g once more). Targets (GPU): fused clip+AdamW <= 1.15x the time of the
+    fused_lm AdamW step alone (provider "fused_lm-<b>-noclip"), >= 1.5x faster than torch's
+    clip_grad_norm_ + fused AdamW. Ceiling: copy on a GPU, rmw on the CPU (as bench_optim).
+    """
+    from bench.bench_optim import _stepper, param_lists
+
+    out = []
+    ceiling = "copy" if device.type == "cuda" else "rmw"
+    lists = param_lists(device, quick)
+    lists.pop("llama-1B", None)
+    for label, shapes in lists.items():
+        numel = sum(math.prod(s) for s in shapes)
+        shape = f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M)"
+        providers = []
+        for b in ("cuda", "triton", "cpu"):
+            providers.append(Provider(f"fused_lm-{b}", _fused_adamw(b, 1.0, shapes, device, quick, _stepper)))
+            providers.append(Provider(f"fused_lm-{b}-noclip", _fused_adamw(b, None, shapes, device, quick, _stepper)))
+        providers.append(Provider("torch-clip+fused", _torch_clip_adamw("fused", shapes, device, quick, _stepper),
+                                  reference=True))
+        providers.append(Provider("torch-clip+foreach", _torch_clip_adamw("foreach", shapes, device, quick, _stepper)))
+        out.append(Case("clip", "clip+adamw-step", shape, "fp32", providers, bytes=32 * numel, ceiling=ceiling))
+    return out
+
+
+def _fused_adamw(backend, max_grad_norm, shapes, device, quick, stepper):
+    def setup():
+        reason = _backend.unavailable_reason(backend, device)
+        if reason:
+            raise Skip(reason)
+        if backend == "triton" and device.type == "cpu":
+            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        from fused_lm.optim import AdamW
+
+        return stepper(lambda ps: AdamW(ps, lr=1e-3, backend=backend, max_grad_norm=max_grad_norm),
+                       "adamw", shapes, device, quick)
+    return setup
+
+
+class _ClipThenStep:
+    """torch's recipe: clip_grad_norm_ (foreach) then the optimizer's step."""
+
+    def __init__(self, params, optimizer):
+        self.params, self.optimizer = params, optimizer
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.optimizer.step()
+
+
+def _torch_clip_adamw(impl, shapes, device, quick, stepper):
+    def setup():
+        kw = {"fused": dict(fused=True), "foreach": dict(foreach=True)}[impl]
+
+        def build(ps):
+            return _ClipThenStep(ps, torch.optim.AdamW(ps, lr=1e-3, **kw))
+        return stepper(build, "adamw", shapes, device, quick)
+    return setup
 
 
 __all__ = ["cases"]
