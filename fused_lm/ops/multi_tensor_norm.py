@@ -25,6 +25,9 @@ Bytes moved: numel * itemsize read + 4 bytes per chunk (the partials), i.e. the 
 at the device's read bandwidth. Per-element math: csrc/include/fused_lm/norm_functors.h, shared by
 the CUDA and CPU kernels; the Triton kernel below writes the same formulas.
 
+Not registered as a torch.library custom op: like torch's clip_grad_norm_ (a Python loop of
+foreach calls) it runs outside compiled regions; under torch.compile it is a graph break.
+
 Beyond torch: empty tensors are fine for every norm type (torch raises for the inf norm of an
 empty tensor); ``norm_type=0`` (not a norm) follows torch's composition exactly: the number of
 tensors that have a non-zero element (torch computes ``vector_norm(stack(per-tensor counts), 0)``).

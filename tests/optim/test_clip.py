@@ -23,7 +23,8 @@ from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_norm import (multi_tensor_norm, multi_tensor_norm_and_coef,
                                              multi_tensor_norm_coef_flag)
 from fused_lm.reference import clip as ref
-from tests._helpers import HAS_CUDA, assert_close, backend_devices, poison_allocations, randn
+from tests._helpers import (HAS_CUDA, assert_close, backend_devices, poison_allocations, randn,
+                            requires_cuda)
 
 # Under the interpreter, numpy warns on log2(0) inside |x|^p = 2^(p log2|x|) (the result, 0 or
 # inf, is the intended one).
@@ -525,3 +526,62 @@ def test_fused_clip_step_fsdp2_and_zero_equal_single_process(dist_results):
                              what=f"{mode} {backend} grad_norm")
                 for got, want in zip(params, model.parameters()):
                     assert_close(got, want, torch.float32, scale=10, what=f"{mode} {backend} rank {r}")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: realistic sizes, no host synchronisation.
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gpt2_sized_clip(backend, dtype):
+    from bench.bench_multi_tensor import gpt2_shapes, tiny_shapes
+
+    shapes = gpt2_shapes() + tiny_shapes(2000)
+    ps = [torch.nn.Parameter(torch.empty(s, device="cuda", dtype=dtype)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, device="cuda").to(dtype)
+    grads = [p.grad.clone() for p in ps]
+    want = torch.nn.utils.get_total_norm([g.float() for g in grads])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm = fused_lm.clip_grad_norm_(ps, 1.0, backend=backend)
+        inf_norm = fused_lm.get_total_norm(grads, math.inf, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(norm, want, torch.float32, scale=10)
+    assert inf_norm.item() == max(g.float().abs().max().item() for g in grads if g.numel())
+    coef = min(1.0, 1.0 / (want.item() + 1e-6))
+    for p, g in zip(ps[:20], grads[:20]):
+        assert_close(p.grad, g.double() * coef, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_fused_clip_step_no_sync(backend):
+    from bench.bench_multi_tensor import gpt2_shapes
+
+    shapes = gpt2_shapes()[:40]
+    pa = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    fused = AdamW(pa, lr=1e-3, backend=backend, max_grad_norm=1.0)
+    plain = AdamW(pb, lr=1e-3, backend=backend)
+    for step in range(3):
+        for p, q in zip(pa, pb):
+            p.grad = torch.randn(p.shape, device="cuda")
+            q.grad = p.grad.clone()
+        want = fused_lm.clip_grad_norm_(pb, 1.0, backend=backend)
+        plain.step()
+        torch.cuda.synchronize()
+        if step > 0:   # after the first step (state creation, table upload)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            fused.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert_close(fused.grad_norm, want, torch.float32)
+    for p, q in zip(pa, pb):
+        assert_close(p, q, torch.float32, scale=2.0)
