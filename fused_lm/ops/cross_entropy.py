@@ -17,11 +17,14 @@ the count of non-ignored tokens (both device scalars: no host sync), so the stor
 already d(mean)/d(logits) and backward only multiplies by grad_output. The scale kernel reads
 grad_output on the device and skips the pass when it is exactly 1 (the usual ``loss.backward()``).
 
-Kernel: one program per token row, two sweeps over the row in BLOCK chunks (float32 math):
+Kernel: a persistent grid, each program taking token rows in turn; two sweeps over a row in
+BLOCK chunks (float32 math):
   1. online max / sum-exp (and sum w_c z_c, W for smoothing): lse;
   2. (when a gradient is wanted) re-read the row and write the gradient.
-Traffic: 2 reads + 1 write of N*V elements (the second read mostly hits L2 on a GPU: a 128k-vocab
-bf16 row is 256 KiB); the floor is 1 read + 1 write = 4*N*V bytes in bf16.
+Traffic: 2 reads + 1 write of N*V elements; the floor is 1 read + 1 write = 4*N*V bytes in bf16.
+The grid is capped (_programs) so the rows in flight fit in half the L2 and the second read
+hits L2 (a 128k-vocab bf16 row is 256 KiB: ~100 rows per 25 MiB). Unmeasured so far: whether
+that beats one program per row is the first thing to time on a GPU (FUSED_LM_CE_PROGRAMS).
 Row offsets are int64 (N*V may exceed 2**31); column offsets stay int32 (V < 2**31).
 
 Out-of-range targets (not ignore_index) raise on CPU tensors, and on CUDA tensors when
@@ -31,6 +34,7 @@ such rows instead of reading out of bounds.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -56,12 +60,26 @@ if triton is not None:
 
     @triton.jit
     def _ce_kernel(x_ptr, stride_x, target_ptr, weight_ptr, loss_ptr, grad_ptr, stride_g,
-                   den_ptr, cnt_ptr, row_scale_ptr, V, ignore_index, eps, z_loss, softcap,
-                   HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                   COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_x
+                   den_ptr, cnt_ptr, row_scale_ptr, N, n_programs, V, ignore_index, eps, z_loss,
+                   softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                   HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr,
+                   HAS_ROW_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        # Persistent grid: program p handles rows p, p + n_programs, ... (see _programs()).
+        pid = tl.program_id(0)
+        for i in range(0, tl.cdiv(N - pid, n_programs)):
+            row = pid.to(tl.int64) + i * n_programs
+            _ce_row(row, x_ptr, stride_x, target_ptr, weight_ptr, loss_ptr, grad_ptr, stride_g,
+                    den_ptr, cnt_ptr, row_scale_ptr, V, ignore_index, eps, z_loss, softcap,
+                    HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, MEAN, HAS_ROW_SCALE,
+                    COMPUTE_GRAD, BLOCK)
+
+    @triton.jit
+    def _ce_row(row, x_ptr, stride_x, target_ptr, weight_ptr, loss_ptr, grad_ptr, stride_g,
+                den_ptr, cnt_ptr, row_scale_ptr, V, ignore_index, eps, z_loss, softcap,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        x_row = x_ptr + row * stride_x                  # row is int64: N*V may pass 2**31
         t = tl.load(target_ptr + row).to(tl.int64)
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= V))
@@ -184,6 +202,27 @@ def _config(V: int) -> tuple[int, int]:
 _SCALE_BLOCK = 2048
 
 
+@functools.lru_cache(maxsize=None)
+def _device_caps(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
+
+
+def _programs(N: int, V: int, itemsize: int, device: torch.device) -> int:
+    """Programs of the persistent grid. Each program re-reads its row in the gradient sweep; the
+    rows in flight (one per program) should fit in half the L2 so that re-read hits L2 instead
+    of DRAM (2 DRAM passes instead of 3). At least 2 programs per SM keep loads in flight.
+    Not yet measured on a GPU: ``FUSED_LM_CE_PROGRAMS`` overrides it (a large value gives one
+    program per row). The interpreter uses 8, so the tests run the multi-row loop."""
+    forced = int(os.environ.get("FUSED_LM_CE_PROGRAMS", "0") or 0)
+    if forced > 0:
+        return max(1, min(N, forced))
+    if device.type != "cuda":
+        return max(1, min(N, 8))
+    sms, l2 = _device_caps(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(N, max(2 * sms, (l2 // 2) // max(1, V * itemsize))))
+
+
 # ----------------------------------------------------------------------------- host functions
 
 def checked_mode() -> bool:
@@ -229,9 +268,11 @@ def ce_rows_(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.
     if which == "triton":
         block, warps = _config(V)
         g = logits if grad is None else grad
-        _ce_kernel[(N,)](
+        programs = _programs(N, V, logits.element_size(), logits.device)
+        _ce_kernel[(programs,)](
             logits, logits.stride(0), target, logits if weight is None else weight, rows, g,
-            g.stride(0), den, cnt, rows if row_scale is None else row_scale, V, ignore_index,
+            g.stride(0), den, cnt, rows if row_scale is None else row_scale, N, programs, V,
+            ignore_index,
             float(label_smoothing), float(z_loss), float(softcap or 1.0),
             HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_Z=z_loss != 0.0, HAS_SOFTCAP=softcap > 0.0, MEAN=mean,

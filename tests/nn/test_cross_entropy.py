@@ -200,6 +200,23 @@ def test_out_of_range_targets_raise_on_cpu(backend, device):
             cross_entropy(x, t, backend=backend)
 
 
+@pytest.mark.parametrize("programs", ["1", "3", "1000"])
+def test_persistent_grid_sizes(programs, monkeypatch):
+    """One program for every row, a few rows per program, one program per row: same result."""
+    if not _backend.interpreter_on() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton kernel")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N, V = 11, 700
+    x = randn(N, V, device=device)
+    t = _targets(N, V, device, n_ignored=2)
+    expected = _run(lambda x: ref.cross_entropy(x, t, reduction="none"), x.double(), torch.ones(N))
+    monkeypatch.setenv("FUSED_LM_CE_PROGRAMS", programs)
+    loss, dx, _ = _run(lambda x: cross_entropy(x, t, reduction="none", backend="triton"), x,
+                       torch.ones(N))
+    assert_close(loss, expected[0], torch.float32)
+    assert_close(dx, expected[1], torch.float32)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_second_backward_raises(backend, device):
     """The stored gradient is consumed in place: a retained graph cannot silently reuse it."""
