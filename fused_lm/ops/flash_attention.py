@@ -193,16 +193,18 @@ if triton is not None:
     def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn,
                    offs_m, offs_n0, offs_d, mask_d, start, end, off, q_len, k_len,
                    win_left, win_right, qk_scale, softcap_log2,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                   HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_n0
+            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
             if MASKED:
-                kv_mask = (offs_n[None, :] < k_len) & mask_d[:, None]
+                k_t = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & mask_d[:, None], other=0.0)
+            elif EVEN_D:
+                k_t = tl.load(k_ptrs)                                               # (D, BN)
             else:
-                kv_mask = mask_d[:, None] & (offs_n[None, :] >= 0)
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                          mask=kv_mask, other=0.0)                                # (D, BN)
+                k_t = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
             s, t = _scores(_mm0(q, k_t), qk_scale, softcap_log2, HAS_SOFTCAP)     # (BM, BN)
             if HAS_BIAS:
                 bias = tl.load(bias_base + offs_n, mask=offs_n < k_len, other=0.0)
@@ -217,12 +219,13 @@ if triton is not None:
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
             if MASKED:
-                v_mask = (offs_n[:, None] < k_len) & mask_d[None, :]
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & mask_d[None, :], other=0.0)
+            elif EVEN_D:
+                v = tl.load(v_ptrs)                                                 # (BN, D)
             else:
-                v_mask = (offs_n[:, None] >= 0) & mask_d[None, :]
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=v_mask, other=0.0)                                     # (BN, D)
+                v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None]
             acc = _mm(p.to(v.dtype), v, acc)
             m_i = m_new
@@ -235,7 +238,8 @@ if triton is not None:
                     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
                     stride_lb, stride_lh, stride_bb,
                     seqlen_q, seqlen_k, n_heads, group,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
         # Largest query blocks first: with causal masks they have the most work (load balance).
@@ -270,15 +274,15 @@ if triton is not None:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
                                    stride_vn, offs_m, offs_n0, offs_d, mask_d, lo, u_lo, off,
                                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
                                    stride_vn, offs_m, offs_n0, offs_d, mask_d, u_lo, u_hi, off,
                                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                   BLOCK_N, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
                                    stride_vn, offs_m, offs_n0, offs_d, mask_d, u_hi, hi, off,
                                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
         empty = l_i == 0.0                                # rows that see no key: O = 0, lse = -inf
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -318,22 +322,31 @@ if triton is not None:
     def _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                     stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, start, end, off,
                     q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                   HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
         # Scores are computed transposed, (BN, BM), so that dV += P^T dO and dK += dX^T Q are
         # plain dots with no transposed operand to materialise.
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + offs_m0
+            q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+            do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
             if MASKED:
                 row_mask = offs_m < q_len
+                mask = row_mask[:, None] & mask_d[None, :]
+                q = tl.load(q_ptrs, mask=mask, other=0.0)
+                do = tl.load(do_ptrs, mask=mask, other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=row_mask, other=float("inf"))
+                delta = tl.load(delta_base + offs_m, mask=row_mask, other=0.0)
             else:
-                row_mask = offs_m >= 0
-            mask = row_mask[:, None] & mask_d[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask,
-                         other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_mask, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=row_mask, other=0.0)
+                if EVEN_D:
+                    q = tl.load(q_ptrs)
+                    do = tl.load(do_ptrs)
+                else:
+                    q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
+                    do = tl.load(do_ptrs, mask=mask_d[None, :], other=0.0)
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
             # Rows that saw no key have lse = -inf: use +inf so their P is 0, not NaN.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             s_t, t_t = _scores(_mm0(k, tl.trans(q)), qk_scale, softcap_log2, HAS_SOFTCAP)
@@ -360,7 +373,8 @@ if triton is not None:
                          stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                          stride_lb, stride_lh, stride_bb,
                          seqlen_q, seqlen_k, n_kv_heads, group,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_BIAS: tl.constexpr):
@@ -403,15 +417,15 @@ if triton is not None:
             dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                                  stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, lo, u_lo,
                                  off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
             dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                                  stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, u_lo, u_hi,
                                  off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                 BLOCK_M, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
             dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                                  stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, u_hi, hi,
                                  off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
         dk = dk * sm_scale
         tl.store(DK + b64 * stride_dkb + h_kv * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -422,18 +436,23 @@ if triton is not None:
     def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                   offs_m, offs_n0, offs_d, mask_d, start, end, off, q_len, k_len,
                   win_left, win_right, qk_scale, softcap_log2,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                   HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_n0
+            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
             if MASKED:
                 kv_mask = (offs_n[:, None] < k_len) & mask_d[None, :]
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                        # (BN, D)
+                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            elif EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
             else:
-                kv_mask = (offs_n[:, None] >= 0) & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
-                        other=0.0)                                                  # (BN, D)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
+                k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
             s, t = _scores(_mm0(q, tl.trans(k)), qk_scale, softcap_log2, HAS_SOFTCAP)
             if HAS_BIAS:
                 bias = tl.load(bias_base + offs_n, mask=offs_n < k_len, other=0.0)
@@ -457,7 +476,8 @@ if triton is not None:
                        stride_vb, stride_vn, stride_vh, stride_dob, stride_don, stride_doh,
                        stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh, stride_bb,
                        seqlen_q, seqlen_k, n_heads, group,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -496,15 +516,15 @@ if triton is not None:
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                        offs_m, offs_n0, offs_d, mask_d, lo, u_lo, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT,
                        HAS_SOFTCAP, HAS_BIAS)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                        offs_m, offs_n0, offs_d, mask_d, u_lo, u_hi, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
+                       win_right, qk_scale, softcap_log2, BLOCK_N, False, EVEN_D, HAS_LEFT, HAS_RIGHT,
                        HAS_SOFTCAP, HAS_BIAS)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                        offs_m, offs_n0, offs_d, mask_d, u_hi, hi, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT,
                        HAS_SOFTCAP, HAS_BIAS)
         dq = dq * sm_scale
         tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_d[None, :],
@@ -637,7 +657,7 @@ def _forward_impl(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, has_left, left
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen),
             *_lse_strides(lse, varlen), bias.stride(0) if bias is not None else 0,
             seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
                 HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_BIAS=bias is not None)
     _launch(_fwd_kernel, "fwd", block_d, q.dtype,
             lambda bm, bn: (triton.cdiv(seqlen_q, bm), batch * n_heads), args, meta)
@@ -667,7 +687,7 @@ def _backward_impl(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scal
             (out, dout, delta, cu_q_arg, *_bsh(out, varlen), *_bsh(dout, varlen), *lse_strides,
              seqlen_q, n_heads),
             dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen))
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
                 HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_BIAS=bias is not None)
     bias_arg = bias if bias is not None else lse
     bias_stride = bias.stride(0) if bias is not None else 0
