@@ -303,6 +303,9 @@ def dist_results():
     return results
 
 
+# One xdist worker runs all of them, so the worker pair starts once (tools/run_tests.sh uses
+# --dist loadgroup).
+@pytest.mark.xdist_group("optim_distributed")
 @pytest.mark.parametrize("mode,opt,backend", CHECKS,
                          ids=[f"{m}-{o}-{b or 'default'}" for m, o, b in CHECKS])
 def test_two_ranks_equal_single_process(dist_results, mode, opt, backend):
