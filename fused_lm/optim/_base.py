@@ -44,7 +44,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class _Bucket:
     __slots__ = ("backend", "device", "param_dtype", "state_dtype", "amsgrad", "master", "lists",
-                 "groups", "hps")
+                 "groups", "pos")
 
     def __init__(self, backend, device, param_dtype, state_dtype, amsgrad, master):
         self.backend, self.device = backend, device
@@ -52,8 +52,8 @@ class _Bucket:
         self.amsgrad, self.master = amsgrad, master
         self.lists = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
                                       "max_exp_avg_sqs", "masters", "steps")}
-        self.groups: list[int] = []
-        self.hps: list[tuple] = []
+        self.groups: list[int] = []   # param group of each tensor
+        self.pos: list[int] = []      # index of each tensor in the optimizer's flat param list
 
 
 class _MultiTensorOptimizer(torch.optim.Optimizer):
@@ -87,6 +87,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         self._tables: dict[tuple, tuple] = {}
         self._hp: dict[torch.device, tuple] = {}
         self._consts: dict[torch.device, tuple] = {}
+        self._plan: tuple | None = None
+        self._plan_id = 0
         # Gradient clipping folded into the step (issue 5; see _prepare_clip).
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm_process_group = grad_norm_process_group
@@ -134,6 +136,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 setattr(self, name, value)
         for attr in ("_tables", "_hp", "_consts"):
             setattr(self, attr, {})
+        self._plan, self._plan_id = None, 0
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -188,6 +191,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def _invalidate(self) -> None:
         self._tables.clear()
         self._hp.clear()
+        self._plan = None
 
     # -- scalars read by the kernels -----------------------------------------------------------
 
@@ -236,7 +240,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         from fused_lm.ops.multi_tensor_norm import clip_coef, nonfinite_flag
         from fused_lm.optim.clip import total_norm_coef_flag
 
-        norm, coef, flag = total_norm_coef_flag([g for _, _, g in items], 2.0, self.max_grad_norm,
+        norm, coef, flag = total_norm_coef_flag([item[2] for item in items], 2.0, self.max_grad_norm,
                                                 process_group=self.grad_norm_process_group,
                                                 backend=self.backend)
         scale = getattr(self, "grad_scale", None)
@@ -282,11 +286,13 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _gather(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def _gather(self) -> list[tuple[int, torch.Tensor, torch.Tensor, int]]:
         name = type(self).__name__
         items = []
+        pos = -1
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
+                pos += 1
                 g = p.grad
                 if g is None:
                     continue
@@ -302,7 +308,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 if g.shape != p.shape:
                     raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from its "
                                      f"parameter's {tuple(p.shape)}")
-                items.append((gi, p, g))
+                items.append((gi, p, g, pos))
         return items
 
     def _ensure_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -324,12 +330,12 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _buckets(self, items) -> list[_Bucket]:
         selected: dict[tuple, str] = {}
-        for _, p, _g in items:   # validate backends for every (device, dtype) before any change
+        for _, p, _g, _ in items:   # validate backends for every (device, dtype) before any change
             key = (p.device, p.dtype)
             if key not in selected:
                 selected[key] = _backend.select(self._OP, p.device, p.dtype, self.backend)
         buckets: dict[tuple, _Bucket] = {}
-        for gi, p, g in items:
+        for gi, p, g, pos in items:
             group = self.param_groups[gi]
             state = self._ensure_state(p, group)
             amsgrad = self._uses_amsgrad(group)
@@ -363,8 +369,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 L["masters"].append(master)
             L["steps"].append(state["step"])
             b.groups.append(gi)
-            if backend == "torch":
-                b.hps.append(self._hp_row(group))
+            b.pos.append(pos)
         return list(buckets.values())
 
     def _table(self, b: _Bucket) -> tuple[mt.TensorTable, torch.Tensor]:
@@ -377,9 +382,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if b.master:
             lists.append(L["masters"])
         bkey = (b.backend, b.device, b.param_dtype, b.state_dtype, b.amsgrad, b.master)
-        key = (tuple(t.data_ptr() for lst in lists for t in lst),
-               tuple(s.data_ptr() for s in L["steps"]), tuple(b.groups),
-               tuple(t.numel() for t in L["params"]))
+        # State, step counters and groups are fixed for a plan (a new plan gets a new id); params
+        # and grads may move between steps (zero_grad(set_to_none=True) frees the grads).
+        key = (self._plan_id, tuple(t.data_ptr() for t in L["params"]),
+               tuple(t.data_ptr() for t in L["grads"]))
         cached = self._tables.get(bkey)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -399,10 +405,19 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = self._gather()
-        if not items:
+        buckets, items = self._fast_plan()
+        if buckets is None:
+            items = self._gather()
+            if not items:
+                return loss
+            buckets = self._buckets(items)
+            self._plan_id += 1
+            self._plan = (self._plan_key(), buckets)
+        if not buckets:
             return loss
-        buckets = self._buckets(items)
+        if self.max_grad_norm is not None and items is None:
+            items = [(gi, p, p.grad, pos) for b in buckets for gi, pos, p in
+                     zip(b.groups, b.pos, (self._flat[i] for i in b.pos))]
         self._prepare_clip(items)
         scalars: dict[torch.device, tuple] = {}
         hps: dict[torch.device, torch.Tensor] = {}
@@ -413,7 +428,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 scalars[b.device] = self._grad_multiplier_and_skip(b.device)
             mult, skip = scalars[b.device]
             if b.backend == "torch":
-                k["torch"](b.lists, b.hps, mult, skip, amsgrad=b.amsgrad, sr=sr, seed=self._seed,
+                hps = [self._hp_row(self.param_groups[gi]) for gi in b.groups]
+                k["torch"](b.lists, hps, mult, skip, amsgrad=b.amsgrad, sr=sr, seed=self._seed,
                            indices=list(range(len(b.groups))))
                 continue
             if b.device not in hps:
@@ -426,7 +442,47 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             else:
                 k["compiled"](b.backend, b.lists, table, step_table, hps[b.device], mult, skip,
                               sr=sr, seed=self._seed)
+        for b in buckets:      # hold no gradient between steps (their memory must be reusable)
+            b.lists["grads"] = []
         return loss
+
+    # -- the cached step plan --------------------------------------------------------------------
+    # Building buckets costs ~10 us per parameter of Python; a training loop repeats the same
+    # plan every step (same params with gradients, same state), so the plan is kept and each
+    # step only collects the new gradients, checks them, and compares addresses.
+
+    def _plan_key(self) -> tuple:
+        self._flat = [p for g in self.param_groups for p in g["params"]]
+        return (tuple(p.grad is not None for p in self._flat),
+                tuple(len(g["params"]) for g in self.param_groups),
+                tuple(self._uses_amsgrad(g) for g in self.param_groups),
+                self.master_weights, self.state_dtype, self.backend, _backend.forced())
+
+    def _fast_plan(self):
+        """(buckets with this step's gradients, None) when the cached plan still applies, else
+        (None, None): the full path then validates, creates state and rebuilds the plan."""
+        plan = self._plan
+        if plan is None:
+            return None, None
+        old = self._flat
+        key, buckets = plan
+        if self._plan_key() != key or any(a is not b for a, b in zip(old, self._flat)):
+            return None, None
+        grads = [p.grad for p in self._flat]
+        for b in buckets:
+            gl = []
+            kernel = b.backend != "torch"
+            for i in b.pos:
+                g = _local(grads[i])
+                p = b.lists["params"][len(gl)]
+                if (g.layout != torch.strided or g.dtype != p.dtype or g.shape != p.shape
+                        or (kernel and not g.is_contiguous())):
+                    for b2 in buckets:
+                        b2.lists["grads"] = []
+                    return None, None       # let the full path raise or re-route
+                gl.append(g)
+            b.lists["grads"] = gl
+        return buckets, None
 
 
 def check_lr_betas(lr, betas, weight_decay, eps=None) -> None:
