@@ -39,7 +39,8 @@ except ImportError:  # pragma: no cover
 
 if triton is not None:
 
-    @triton.jit
+    # seed: never specialised (Triton would make an int equal to 1 a constexpr).
+    @triton.jit(do_not_specialize=["seed"])
     def _adamw_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                       MASTER: tl.constexpr, SR: tl.constexpr, LISTS: tl.constexpr,

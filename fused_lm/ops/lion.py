@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
 
 if triton is not None:
 
-    @triton.jit
+    # seed: never specialised (Triton would make an int equal to 1 a constexpr).
+    @triton.jit(do_not_specialize=["seed"])
     def _lion_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
                      P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr,
                      SR: tl.constexpr, LISTS: tl.constexpr, HP_COLS: tl.constexpr,
