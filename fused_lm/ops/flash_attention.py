@@ -546,10 +546,13 @@ def _configs(kind: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int
     the later entries are the fall-backs tried when a launch runs out of shared memory.
 
     BLOCK_M is the query block, BLOCK_N the key block in every kernel (the dK/dV kernel owns a key
-    block and loops over query blocks; the dQ kernel the opposite). Starting points follow the
-    Triton fused-attention tutorial's H100 choices; NOT yet measured on our kernels (no GPU session
-    so far): revisit with bench/bench_attention.py. Fixed configs (no autotuning) also keep the
-    deterministic mode bitwise reproducible across processes. Under the interpreter one small
+    block and loops over query blocks; the dQ kernel the opposite). NOT yet timed (no GPU session
+    so far): each first choice is the largest tile of a small candidate set whose sm_90 build
+    (Triton 3.9 compiling without a GPU, bf16, causal; ptxas resource usage) does not spill
+    registers, or spills least (dK/dV at head dim 128 still spills ~56 bytes/thread: its fp32
+    dK and dV tiles). Revisit with bench/bench_attention.py on a GPU. Fixed configs (no
+    autotuning) also keep the backward bitwise reproducible across processes. Under the
+    interpreter one small
     config keeps CPU tests fast while still crossing block boundaries at N ~ 100.
     """
     if _backend.interpreter_on():
@@ -558,16 +561,16 @@ def _configs(kind: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int
     if kind == "pre":
         return [(64, 0, 4, 1)]
     if kind == "fwd":
-        table = {64: [(128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 1), (32, 16, 4, 1)],
-                 128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 1), (32, 16, 4, 1)],
-                 256: [(64, 32, 4, 2), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]}
+        table = {64: [(128, 64, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)],
+                 128: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)],
+                 256: [(32, 32, 4, 2), (64, 16, 4, 2), (16, 16, 4, 1)]}
     elif kind == "dkdv":
-        table = {64: [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
-                 128: [(32, 64, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-                 256: [(16, 32, 4, 1), (16, 16, 4, 1)]}
+        table = {64: [(32, 128, 8, 3), (16, 64, 4, 2), (16, 16, 4, 1)],
+                 128: [(16, 32, 4, 2), (16, 16, 4, 1)],
+                 256: [(16, 32, 8, 1), (16, 16, 4, 1)]}
     else:
-        table = {64: [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)],
-                 128: [(64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+        table = {64: [(128, 32, 8, 3), (64, 32, 4, 3), (16, 16, 4, 1)],
+                 128: [(64, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 1)],
                  256: [(32, 16, 4, 1), (16, 16, 4, 1)]}
     configs = table[64 if block_d <= 64 else 128 if block_d <= 128 else 256]
     return configs[1:] if wide and len(configs) > 2 else configs
