@@ -18,7 +18,16 @@ inline void cpu_chunk(const Op& op, const typename Op::Ctx& ctx, const ChunkView
   // Raw typed pointers outside the loop so the compiler can prove the loop body simple
   // enough to vectorise (the conversions are branch-free bit operations).
   auto ptrs = std::make_tuple(static_cast<Ts*>(c.ptr(I))...);
-#pragma omp simd
+  // Not `#pragma omp simd`: under it GCC turns the private array `e` into a per-lane "simd
+  // array" and then fails ("no vectype"), leaving scalar code (measured, 1 thread, 8M fp32:
+  // Lion 69 ms, AdamW 25 ms). ivdep (no loop-carried dependence: each element is read and
+  // written at its own index, lists do not overlap) lets SRA scalarise `e` and the loop
+  // vectorise with AVX-512 for every storage type: Lion 5-6 ms, AdamW 7-8 ms.
+#if defined(__clang__)
+#pragma clang loop vectorize(assume_safety)
+#elif defined(__GNUC__)
+#pragma GCC ivdep
+#endif
   for (int64_t j = c.begin; j < c.end; ++j) {
     float e[Op::kLists];
     ((e[I] = to_float(std::get<I>(ptrs)[j])), ...);
