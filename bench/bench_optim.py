@@ -10,16 +10,18 @@ Bytes per step, fp32 parameters, gradients and state (the least traffic any impl
 Ceiling: the measured device copy bandwidth on a GPU (issue 4 asks for the fraction of it), the
 in-place read-modify-write bandwidth on the CPU (an optimizer updates in place).
 
-Parameter lists (issue 4): GPT-2 124M (its real shapes), a Llama-1B-shaped list (GPU only; the
-state alone is 20 GB) and 10,000 tiny tensors of 1 to 64k elements (log-uniform, seeded), where
+Parameter lists (issue 4): GPT-2 124M (its real shapes), a Llama-1B-shaped list (GPU only;
+parameters, gradients and moments take 20 GB) and 10,000 tiny tensors of 1 to 64k elements (log-uniform, seeded), where
 per-tensor launch cost dominates. ``quick`` (the CPU default): GPT-2 with every dimension / 4
-(1/16 of the elements) and 500 tiny tensors, about 20 s for the family on 2 cores.
+(1/16 of the elements) and 500 tiny tensors, about 25 s for the family on 2 cores (half of it
+importing DeepSpeed and loading its ops).
 
 Providers: fused_lm per backend; torch.optim.AdamW fused / foreach / single-tensor (the last on
-the CPU's tiny list only: torch's CPU default, the per-tensor loop the others avoid); lion-pytorch; DeepSpeed's CPU
-Adam and Lion (CPU tensors only); Apex FusedAdam (CUDA only). Peers that are missing are skipped
-with the reason. The Triton provider does not run on the CPU: the interpreter is a correctness
-tool (about 10 ms per 50k-element program), not a CPU backend.
+the CPU's tiny list only: torch's CPU default, the per-tensor loop the others avoid);
+lion-pytorch; DeepSpeed's CPU Adam and Lion (CPU tensors only); Apex FusedAdam (CUDA only).
+Peers that are missing are skipped with the reason; DeepSpeed's CPU ops are skipped in quick runs
+until built once (their JIT build takes minutes). The Triton provider does not run on the CPU:
+the interpreter is a correctness tool (about 10 ms per 50k-element program), not a CPU backend.
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ def _params(shapes, device) -> list[torch.Tensor]:
 def _stepper(build, opt: str, shapes, device, quick: bool):
     """``build(params) -> optimizer``; returns the timed fn (one step of the next optimizer).
     Quick runs keep at most 2 copies: the CPU here reports a 260 MB LLC, and 8 copies of every
-    list (setup plus a warm step each) would take most of the family's time budget."""
+    list (setup plus a warm step each) would take most of the family's time budget; so quick CPU
+    numbers are partly cache-resident (fractions of the DRAM ceiling near or above 1) and compare
+    providers with each other, not with DRAM."""
     footprint = STATE_TENSORS[opt] * 4 * sum(math.prod(s) for s in shapes)
 
     def make():
@@ -200,7 +204,8 @@ def _deepspeed(opt, shapes, device, quick):
         if opt == "adamw":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return _stepper(lambda ps: DeepSpeedCPUAdam(ps, adamw_mode=True, **ADAMW), opt, shapes, device, quick)
+            return _stepper(lambda ps: DeepSpeedCPUAdam(ps, adamw_mode=True, **ADAMW), opt, shapes,
+                            device, quick)
         from deepspeed.ops.lion import DeepSpeedCPULion
 
         return _stepper(lambda ps: DeepSpeedCPULion(ps, **LION), opt, shapes, device, quick)

@@ -267,8 +267,9 @@ def main(argv=None) -> dict:
         scheduler.step()
         losses.append(loss.item())
         if step % args.log_every == 0 or step == args.steps:
+            ms = (time.perf_counter() - start) / step * 1e3
             print(f"step {step:4d}  train loss {losses[-1]:.4f}  grad norm {float(norm):.3f}  "
-                  f"lr {scheduler.get_last_lr()[0]:.2e}  {(time.perf_counter() - start) / step * 1e3:.0f} ms/step")
+                  f"lr {scheduler.get_last_lr()[0]:.2e}  {ms:.0f} ms/step")
     seconds = time.perf_counter() - start
     val_end = evaluate(model, val_batches)
     print(f"val loss {val_start:.4f} -> {val_end:.4f} after {args.steps} steps in {seconds:.1f} s")
