@@ -2,7 +2,7 @@
 """Trains a tiny character-level GPT (nanoGPT-shaped, ~0.8M parameters) with every fused_lm piece
 that is available, and prints what it used and the loss as it falls.
 
-    python examples/train_tiny_gpt.py                       # CPU or GPU, 200 steps (~30 s on 2 CPU cores)
+    python examples/train_tiny_gpt.py                       # CPU or GPU, 300 steps (~15 s on 2 CPU cores)
     python examples/train_tiny_gpt.py --steps 500 --device cuda
 
 Pieces (each imported on its own; a missing one falls back to torch and says so):
