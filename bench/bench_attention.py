@@ -173,7 +173,7 @@ def _flex(op, causal, make, footprint, device, gqa: bool, varlen=None):
         except ImportError:
             raise Skip("torch has no FlexAttention (torch >= 2.5)") from None
         q, k, v = make()
-        batch, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+        n_q, n_k = q.shape[1], k.shape[1]
         if varlen is not None:
             cu, _ = varlen(device)
             doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device),

@@ -27,8 +27,7 @@ import math
 import torch
 
 from bench.bench_multi_tensor import gpt2_shapes, tiny_shapes
-from bench.harness import Case, Provider, Skip, rotating
-from fused_lm import _backend
+from bench.harness import Case, Provider, require_backend, rotating
 
 
 def _lists(quick: bool) -> dict[str, list[tuple[int, ...]]]:
@@ -77,11 +76,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 def _fused(op, backend, shapes, dtype, device, footprint):
     def setup():
-        reason = _backend.unavailable_reason(backend, device)
-        if reason:
-            raise Skip(reason)
-        if backend == "triton" and device.type == "cpu":
-            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        require_backend(backend, device)
         from fused_lm.optim.clip import clip_grad_norm_, get_total_norm
 
         nxt = rotating(_params(shapes, dtype, device), footprint, device)
@@ -134,11 +129,7 @@ def _fused_step_cases(device: torch.device, quick: bool) -> list[Case]:
 
 def _fused_adamw(backend, max_grad_norm, shapes, device, quick, stepper):
     def setup():
-        reason = _backend.unavailable_reason(backend, device)
-        if reason:
-            raise Skip(reason)
-        if backend == "triton" and device.type == "cpu":
-            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        require_backend(backend, device)
         from fused_lm.optim import AdamW
 
         return stepper(lambda ps: AdamW(ps, lr=1e-3, backend=backend, max_grad_norm=max_grad_norm),

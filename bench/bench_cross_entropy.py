@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Provider, Skip, peer, rotating
-from fused_lm import _backend
+from bench.harness import Case, Provider, Skip, peer, require_backend, rotating
 from fused_lm.ops.cross_entropy import cross_entropy
 from fused_lm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -92,11 +91,7 @@ def _timed(loss_fn, nxt, backward):
 
 def _ce_fused(backend, make, footprint, device, backward):
     def setup():
-        reason = _backend.unavailable_reason(backend, device)
-        if reason:
-            raise Skip(reason)
-        if backend == "triton" and device.type == "cpu":
-            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        require_backend(backend, device)
         return _timed(lambda x, t: cross_entropy(x, t, backend=backend), rotating(make, footprint, device),
                       backward)
     return setup
@@ -148,11 +143,7 @@ def _lce_timed(loss_fn, nxt):
 
 def _lce_fused(backend, make, footprint, device):
     def setup():
-        reason = _backend.unavailable_reason(backend, device)
-        if reason:
-            raise Skip(reason)
-        if backend == "triton" and device.type == "cpu":
-            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        require_backend(backend, device)
         return _lce_timed(lambda x, W, t: linear_cross_entropy(x, W, t, backend=backend),
                           rotating(make, footprint, device))
     return setup

@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from bench.harness import Case, Provider, Skip, rotating
-from fused_lm import _backend
+from bench.harness import Case, Provider, require_backend, rotating
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 
 
@@ -62,11 +61,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 # Scale factors alternate between s and 1/s so values stay bounded over thousands of calls.
 def _fused(backend, shapes, dtype, device, nbytes):
     def setup():
-        reason = _backend.unavailable_reason(backend, device)
-        if reason:
-            raise Skip(reason)
-        if backend == "triton" and device.type == "cpu":
-            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        require_backend(backend, device)
         nxt = rotating(_make(shapes, dtype, device), nbytes // 2, device)
         flip = [1.0001]
 

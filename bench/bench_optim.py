@@ -32,8 +32,7 @@ import os
 import torch
 
 from bench.bench_multi_tensor import gpt2_shapes, tiny_shapes
-from bench.harness import Case, Provider, Skip, peer, rotating
-from fused_lm import _backend
+from bench.harness import Case, Provider, Skip, peer, require_backend, rotating
 
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 LION = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-2)
@@ -149,11 +148,7 @@ def _fused(opt, backend, shapes, device, quick):
             import fused_lm.optim as fo
         except ImportError as exc:
             raise Skip(f"fused_lm.optim not available ({exc})") from None
-        reason = _backend.unavailable_reason(backend, device)
-        if reason:
-            raise Skip(reason)
-        if backend == "triton" and device.type == "cpu":
-            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        require_backend(backend, device)
         cls, kw = (fo.AdamW, ADAMW) if opt == "adamw" else (fo.Lion, LION)
         return _stepper(lambda ps: cls(ps, backend=backend, **kw), opt, shapes, device, quick)
     return setup

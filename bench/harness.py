@@ -85,6 +85,18 @@ def peer(module: str, pip_name: str | None = None):
         raise Skip(f"{name} failed to import: {type(exc).__name__}: {exc}") from None
 
 
+def require_backend(backend: str, device: torch.device) -> None:
+    """Raises Skip unless fused_lm's ``backend`` can run on ``device`` as a real backend (the
+    Triton interpreter runs kernels on CPU tensors for tests, but is no CPU backend to time)."""
+    from fused_lm import _backend
+
+    reason = _backend.unavailable_reason(backend, device)
+    if reason:
+        raise Skip(reason)
+    if backend == "triton" and device.type == "cpu":
+        raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+
+
 def cache_bytes(device: torch.device) -> int:
     """Last-level cache size: L2 on a GPU, LLC on the CPU (fallback 32 MiB)."""
     if device.type == "cuda":
@@ -173,15 +185,22 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
     else:
         n = max(cache_bytes(device) * 8, 64 << 20) // 4
         mm, mm_dtype = (512, torch.float32) if quick else (1024, torch.float32)
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = statistics.median(time_fn(lambda: dst.copy_(src), device, reps, warmup, 10))
-    # Read-modify-write in place: each element read once and written once.
-    rmw_ms = statistics.median(time_fn(lambda: src.mul_(1.0000001), device, reps, warmup, 10))
-    a = torch.randn(mm, mm, device=device, dtype=mm_dtype)
-    b = torch.randn(mm, mm, device=device, dtype=mm_dtype)
-    mm_ms = statistics.median(time_fn(lambda: a @ b, device, reps, warmup, 10))
-    del src, dst, a, b
+    def median_ms(fn) -> float:
+        return statistics.median(time_fn(fn, device, reps, warmup, 10))
+
+    def bandwidth_ms() -> tuple[float, float]:
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        # Read-modify-write in place: each element read once and written once.
+        return median_ms(lambda: dst.copy_(src)), median_ms(lambda: src.mul_(1.0000001))
+
+    def matmul_ms() -> float:
+        a = torch.randn(mm, mm, device=device, dtype=mm_dtype)
+        b = torch.randn(mm, mm, device=device, dtype=mm_dtype)
+        return median_ms(lambda: a @ b)
+
+    copy_ms, rmw_ms = bandwidth_ms()
+    mm_ms = matmul_ms()
     return {
         "copy": 2 * n * 4 / (copy_ms * 1e-3) / 1e9,     # GB/s, bytes read + written
         "rmw": 2 * n * 4 / (rmw_ms * 1e-3) / 1e9,
