@@ -13,7 +13,7 @@ env:
 	@tools/ensure_env.sh "$(PY)"
 
 build: env
-	@flock /tmp/fused_lm_build.lock tools/build.sh "$(PY)"
+	@tools/locked.sh /tmp/fused_lm_build.lock tools/build.sh "$(PY)"
 
 test: build
 	@tools/run_tests.sh "$(PY)" $(PYTEST_ARGS)

@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1 FUSED_LM_CUDA_ARCHS="${FUSED_LM_CUDA_ARCHS:-90}"
 } 2>&1 | tee "$out/gpu_check.log"
 
 echo "== build ($(elapsed) s)"
-flock /tmp/fused_lm_build.lock tools/build.sh "$PY" 2>&1 | tail -5 | tee -a "$out/gpu_check.log"
+tools/locked.sh /tmp/fused_lm_build.lock tools/build.sh "$PY" 2>&1 | tail -5 | tee -a "$out/gpu_check.log"
 "$PY" -m fused_lm info 2>&1 | tee -a "$out/gpu_check.log"
 
 echo "== tests on CUDA ($(elapsed) s)"
