@@ -1,6 +1,7 @@
 // Python module of the CPU extension fused_lm._C. The ops themselves are registered with
 // torch.library (TORCH_LIBRARY_FRAGMENT in each op family's file) and called as
-// torch.ops.fused_lm.<name>; this module only reports how it was built.
+// torch.ops.fused_lm.<name>; this module reports how it was built and holds the host helpers
+// whose Python twin would cost microseconds per tensor (optim_addresses).
 #include <torch/extension.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -27,9 +28,52 @@ pybind11::dict build_info() {
 #endif
   return d;
 }
+
+// One step's addresses of an optimizer bucket (fused_lm/optim/_base.py): for a list of plain
+// parameters, a (3, n) int64 CPU tensor [param addresses; grad addresses (param.grad); param
+// numels], or None when any parameter or gradient is not a plain dense tensor, a gradient is
+// missing or differs from its parameter in dtype, shape or device, the parameters differ in
+// dtype or device, or (`contiguous`) one of them is not contiguous. None sends the caller to
+// its Python path, which raises or re-routes; the checks are the ones that path makes, so a
+// non-None result may be compared with the addresses a validated table was built from.
+pybind11::object optim_addresses(const pybind11::list& params, bool contiguous) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  at::Tensor out = at::empty({3, static_cast<int64_t>(n)}, at::kLong);
+  int64_t* pa = out.data_ptr<int64_t>();
+  int64_t* ga = pa + n;
+  int64_t* numel = ga + n;
+  const auto plain = [contiguous](const at::Tensor& t) {
+    return t.defined() && t.layout() == c10::kStrided && t.has_storage() &&
+           !t.key_set().has(c10::DispatchKey::Python) && (!contiguous || t.is_contiguous());
+  };
+  at::ScalarType dtype = at::kFloat;
+  c10::Device device(c10::kCPU);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
+    if (!THPVariable_Check(obj)) return pybind11::none();
+    const at::Tensor& p = THPVariable_Unpack(obj);
+    if (!plain(p)) return pybind11::none();
+    if (i == 0) {
+      dtype = p.scalar_type();
+      device = p.device();
+    } else if (p.scalar_type() != dtype || p.device() != device) {
+      return pybind11::none();
+    }
+    const at::Tensor& g = p.grad();
+    if (!plain(g) || g.scalar_type() != dtype || g.device() != device || g.sizes() != p.sizes())
+      return pybind11::none();
+    pa[i] = reinterpret_cast<int64_t>(p.data_ptr());
+    ga[i] = reinterpret_cast<int64_t>(g.data_ptr());
+    numel[i] = p.numel();
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lm CPU kernels (OpenMP + SIMD)";
   m.def("build_info", &build_info, "how the CPU extension was compiled");
+  m.def("optim_addresses", &optim_addresses, pybind11::arg("params"), pybind11::arg("contiguous"),
+        "(3, n) int64 [param addresses; grad addresses; numels] of plain params with valid "
+        "grads, else None");
 }

@@ -1,7 +1,6 @@
 // CUDA implementations of fused_lm::multi_tensor_adamw_ / multi_tensor_lion_ (schemas in
-// csrc/cpu/optim.cpp). The kernels live in optim_*.cu, compiled without torch headers.
-#include <vector>
-
+// csrc/cpu/optim.cpp; they take the tables, not tensor lists). The kernels live in optim_*.cu,
+// compiled without torch headers.
 #include "fused_lm/optim_checks.h"
 
 namespace flm {
@@ -16,49 +15,42 @@ namespace {
 using Launcher = int (*)(const flm::LaunchTable&, flm::DType, flm::DType, bool, bool,
                          const flm::OptimArgs&);
 
-void run_cuda(const char* name, Launcher launch, const std::vector<at::TensorList>& lists,
-              at::TensorList steps, const at::Tensor& table, const at::Tensor& chunks,
-              int64_t chunk_size, const at::Tensor& step_table, const at::Tensor& hp,
-              const at::Tensor& grad_mult, const at::Tensor& skip, bool sr, int64_t seed,
-              bool amsgrad, bool master, int64_t stream) {
-  const at::Tensor& p0 = lists[0][0];
-  TORCH_CHECK(p0.device().is_cuda() && table.device() == p0.device(), "fused_lm: CUDA ", name,
-              " got tensors on ", p0.device(), " and a table on ", table.device());
-  const flm::OptimArgs args =
-      flm::optim_args(lists, steps, table, step_table, hp, grad_mult, skip, sr, seed);
-  const int64_t n_lists = static_cast<int64_t>(lists.size());
+void run_cuda(const char* name, bool adamw, Launcher launch, const at::Tensor& table,
+              const at::Tensor& chunks, int64_t chunk_size, const at::Tensor& step_table,
+              const at::Tensor& hp, const at::Tensor& grad_mult, const at::Tensor& skip,
+              int64_t n_lists, c10::ScalarType param_dtype, c10::ScalarType state_dtype,
+              bool amsgrad, bool master, bool sr, int64_t seed, int64_t stream) {
+  TORCH_CHECK(table.device().is_cuda(), "fused_lm: CUDA ", name, " got a table on ",
+              table.device());
+  flm::check_optim_lists(name, n_lists, adamw, amsgrad, master);
   const flm::LaunchTable lt = flm::launch_table(table, chunks, n_lists, chunk_size, stream);
-  const int err = launch(lt, flm::dtype_code(p0.scalar_type()),
-                         flm::dtype_code(lists[2][0].scalar_type()), amsgrad, master, args);
-  TORCH_CHECK(err == 0, "fused_lm: ", name, " launch failed for params ", p0.scalar_type(),
-              " with state ", lists[2][0].scalar_type(), ": ", flm::cuda_error_string(err));
+  const flm::OptimArgs args =
+      flm::optim_args(table, step_table, hp, grad_mult, skip, sr, seed);
+  const flm::DType p = flm::dtype_code(param_dtype);
+  const flm::DType s = flm::dtype_code(state_dtype);
+  if (args.n_tensors == 0) return;
+  const int err = launch(lt, p, s, amsgrad, master, args);
+  TORCH_CHECK(err == 0, "fused_lm: ", name, " launch failed for params ", param_dtype,
+              " with state ", state_dtype, ": ", flm::cuda_error_string(err));
 }
 
-void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                at::TensorList masters, at::TensorList steps, const at::Tensor& table,
-                const at::Tensor& chunks, int64_t chunk_size, const at::Tensor& step_table,
-                const at::Tensor& hp, const at::Tensor& grad_mult, const at::Tensor& skip,
-                bool sr, int64_t seed, int64_t stream) {
-  if (params.empty()) return;
-  std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};
-  if (!max_exp_avg_sqs.empty()) lists.push_back(max_exp_avg_sqs);
-  if (!masters.empty()) lists.push_back(masters);
-  run_cuda("multi_tensor_adamw_", &flm::launch_adamw, lists, steps, table, chunks, chunk_size,
-           step_table, hp, grad_mult, skip, sr, seed, !max_exp_avg_sqs.empty(), !masters.empty(),
+void adamw_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+                const at::Tensor& step_table, const at::Tensor& hp, const at::Tensor& grad_mult,
+                const at::Tensor& skip, int64_t n_lists, c10::ScalarType param_dtype,
+                c10::ScalarType state_dtype, bool amsgrad, bool master, bool sr, int64_t seed,
+                int64_t stream) {
+  run_cuda("multi_tensor_adamw_", true, &flm::launch_adamw, table, chunks, chunk_size,
+           step_table, hp, grad_mult, skip, n_lists, param_dtype, state_dtype, amsgrad, master,
+           sr, seed, stream);
+}
+
+void lion_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+               const at::Tensor& step_table, const at::Tensor& hp, const at::Tensor& grad_mult,
+               const at::Tensor& skip, int64_t n_lists, c10::ScalarType param_dtype,
+               c10::ScalarType state_dtype, bool master, bool sr, int64_t seed, int64_t stream) {
+  run_cuda("multi_tensor_lion_", false, &flm::launch_lion, table, chunks, chunk_size, step_table,
+           hp, grad_mult, skip, n_lists, param_dtype, state_dtype, false, master, sr, seed,
            stream);
-}
-
-void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList masters, at::TensorList steps, const at::Tensor& table,
-               const at::Tensor& chunks, int64_t chunk_size, const at::Tensor& step_table,
-               const at::Tensor& hp, const at::Tensor& grad_mult, const at::Tensor& skip, bool sr,
-               int64_t seed, int64_t stream) {
-  if (params.empty()) return;
-  std::vector<at::TensorList> lists{params, grads, exp_avgs};
-  if (!masters.empty()) lists.push_back(masters);
-  run_cuda("multi_tensor_lion_", &flm::launch_lion, lists, steps, table, chunks, chunk_size,
-           step_table, hp, grad_mult, skip, sr, seed, false, !masters.empty(), stream);
 }
 
 }  // namespace

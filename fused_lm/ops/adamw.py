@@ -134,20 +134,22 @@ def adamw_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tens
         BLOCK=_BLOCK)
 
 
-def adamw_compiled(backend: str, lists: dict, table: mt.TensorTable, step_table: torch.Tensor,
-                   hp: torch.Tensor, grad_mult: torch.Tensor, skip: torch.Tensor, *, sr: bool,
-                   seed: int) -> None:
-    """CPU C++ or CUDA C++: one op call = step increment + update (two launches on CUDA)."""
-    device = lists["params"][0].device
+def adamw_compiled(backend: str, table: mt.TensorTable, step_table: torch.Tensor,
+                   hp: torch.Tensor, grad_mult: torch.Tensor, skip: torch.Tensor, *,
+                   param_dtype: torch.dtype, state_dtype: torch.dtype, amsgrad: bool,
+                   master: bool, sr: bool, seed: int) -> None:
+    """CPU C++ or CUDA C++: one op call = step increment + update (two launches on CUDA). The op
+    takes the tables only (no tensor lists: nothing to convert per tensor), so ``table`` must
+    have been built from lists checked by ``mt.check_lists`` whose dtypes are ``param_dtype``
+    (params, grads), ``state_dtype`` (moments) and float32 (master weights)."""
     if backend == "cuda":
         _ext.cuda_ext()
     else:
         _ext.cpu_ext()
     torch.ops.fused_lm.multi_tensor_adamw_(
-        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-        lists["max_exp_avg_sqs"], lists["masters"], lists["steps"], table.table, table.chunks,
-        table.chunk_size, step_table, hp, grad_mult, skip, bool(sr), int(seed),
-        _ext.cuda_stream(device))
+        table.table, table.chunks, table.chunk_size, step_table, hp, grad_mult, skip, table.lists,
+        param_dtype, state_dtype, bool(amsgrad), bool(master), bool(sr), int(seed),
+        _ext.cuda_stream(table.table.device))
 
 
 @torch.no_grad()

@@ -102,18 +102,19 @@ def lion_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tenso
         LISTS=table.lists, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size, BLOCK=_BLOCK)
 
 
-def lion_compiled(backend: str, lists: dict, table: mt.TensorTable, step_table: torch.Tensor,
-                  hp: torch.Tensor, grad_mult: torch.Tensor, skip: torch.Tensor, *, sr: bool,
-                  seed: int) -> None:
-    device = lists["params"][0].device
+def lion_compiled(backend: str, table: mt.TensorTable, step_table: torch.Tensor,
+                  hp: torch.Tensor, grad_mult: torch.Tensor, skip: torch.Tensor, *,
+                  param_dtype: torch.dtype, state_dtype: torch.dtype, master: bool, sr: bool,
+                  seed: int, **_) -> None:
+    """CPU C++ or CUDA C++ over the tables only (see adamw_compiled)."""
     if backend == "cuda":
         _ext.cuda_ext()
     else:
         _ext.cpu_ext()
     torch.ops.fused_lm.multi_tensor_lion_(
-        lists["params"], lists["grads"], lists["exp_avgs"], lists["masters"], lists["steps"],
-        table.table, table.chunks, table.chunk_size, step_table, hp, grad_mult, skip, bool(sr),
-        int(seed), _ext.cuda_stream(device))
+        table.table, table.chunks, table.chunk_size, step_table, hp, grad_mult, skip, table.lists,
+        param_dtype, state_dtype, bool(master), bool(sr), int(seed),
+        _ext.cuda_stream(table.table.device))
 
 
 @torch.no_grad()

@@ -13,8 +13,19 @@ A step:
    the GradScaler's ``grad_scale``/``found_inf`` as device scalars ``grad_mult``/``skip``, so
    unscaling and inf-skipping happen inside the kernels with no host synchronisation;
 5. launches each bucket on its backend (fused_lm/_backend.py: cuda | triton | cpu | torch) over a
-   device tensor table cached between steps (rebuilt only when an address, size or dtype
-   changes; e.g. gradients reallocated after ``zero_grad(set_to_none=True)``).
+   device tensor table cached between steps. The compiled ops take the tables only (no tensor
+   lists), so every list is validated (``mt.check_lists``) when its table is built.
+
+A training loop repeats the same plan (buckets, state) every step: it is cached, and a step only
+re-reads the parameters' and gradients' addresses. For plain (non-DTensor) parameters one C++
+call per bucket (``fused_lm._C.optim_addresses``; a Python twin when the extension is not built)
+checks every gradient (present, dense, the parameter's dtype, shape and device, contiguous for
+the kernels) and returns a (3, n) int64 tensor [param addresses; grad addresses; numels],
+compared with ``torch.equal`` to the one the table was built from. When only addresses moved
+(gradients reallocated after ``zero_grad(set_to_none=True)``, ``p.data`` replaced) the table's
+two address columns are patched; when a size changed it is rebuilt and re-validated; when a
+check fails the full path runs again (it raises, or re-routes e.g. non-contiguous gradients to
+the torch path).
 
 Subclasses define the defaults, the hyperparameter row of a group, the moments of the state and
 the kernels (``_KERNELS``).
@@ -22,6 +33,7 @@ the kernels (``_KERNELS``).
 
 from __future__ import annotations
 
+import operator
 from itertools import chain
 from typing import Any
 
@@ -42,9 +54,45 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t)
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_native_addresses = None   # fused_lm._C.optim_addresses once looked up; False when unavailable
+
+
+def _addresses_py(params, grads, contiguous: bool) -> torch.Tensor | None:
+    """The Python twin of ``fused_lm._C.optim_addresses`` over explicit (local) gradients: the
+    (3, n) int64 tensor [param addresses; grad addresses; numels], or None when a gradient is
+    missing, not dense, differs from its parameter in dtype, shape or device, the parameters
+    differ in dtype or device, or (``contiguous``) a tensor is not contiguous."""
+    if not params:
+        return torch.zeros((3, 0), dtype=torch.int64)
+    dtype, device = params[0].dtype, params[0].device
+    for p, g in zip(params, grads):
+        if (g is None or g.layout != torch.strided or p.layout != torch.strided
+                or p.dtype != dtype or p.device != device or g.dtype != dtype
+                or g.device != device or g.shape != p.shape
+                or (contiguous and not (p.is_contiguous() and g.is_contiguous()))):
+            return None
+    return torch.tensor([[p.data_ptr() for p in params], [g.data_ptr() for g in grads],
+                         [p.numel() for p in params]], dtype=torch.int64).reshape(3, len(params))
+
+
+def _addresses(params: list, contiguous: bool) -> torch.Tensor | None:
+    """``_addresses_py`` of plain parameters and their ``.grad``: one C++ call when the CPU
+    extension is built."""
+    global _native_addresses
+    if _native_addresses is None:
+        from fused_lm import _ext
+
+        _native_addresses = (getattr(_ext.cpu_ext(), "optim_addresses", False)
+                             if _ext.has_cpu() else False)
+    if _native_addresses:
+        return _native_addresses(params, contiguous)
+    return _addresses_py(params, [p.grad for p in params], contiguous)
+
+
 class _Bucket:
     __slots__ = ("backend", "device", "param_dtype", "state_dtype", "amsgrad", "master", "lists",
-                 "groups", "pos")
+                 "groups", "pos", "params", "plain")
 
     def __init__(self, backend, device, param_dtype, state_dtype, amsgrad, master):
         self.backend, self.device = backend, device
@@ -54,6 +102,30 @@ class _Bucket:
                                       "max_exp_avg_sqs", "masters", "steps")}
         self.groups: list[int] = []   # param group of each tensor
         self.pos: list[int] = []      # index of each tensor in the optimizer's flat param list
+        self.params: list = []        # the parameters themselves (DTensor, not their shards)
+        self.plain = True             # every parameter a plain tensor: the C++ address check
+
+    def collect(self) -> torch.Tensor | None:
+        """This step's gradients of the bucket's parameters, checked: (3, n) int64 [param
+        addresses; grad addresses; numels], or None when a check fails. ``lists["grads"]`` is
+        filled only where something reads it (the torch path, DTensor shards); the compiled
+        and Triton kernels read the table."""
+        kernel = self.backend != "torch"
+        if self.plain:
+            addrs = _addresses(self.params, kernel)
+            if addrs is not None and not kernel:
+                self.lists["grads"] = [p.grad for p in self.params]
+            return addrs
+        grads = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                return None
+            grads.append(_local(g))
+        addrs = _addresses_py(self.lists["params"], grads, kernel)
+        if addrs is not None:
+            self.lists["grads"] = grads
+        return addrs
 
 
 class _MultiTensorOptimizer(torch.optim.Optimizer):
@@ -370,10 +442,14 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             L["steps"].append(state["step"])
             b.groups.append(gi)
             b.pos.append(pos)
+            b.params.append(p)
+            b.plain = b.plain and lp is p and type(p) in _PLAIN_TYPES and type(g) in _PLAIN_TYPES
         return list(buckets.values())
 
-    def _table(self, b: _Bucket) -> tuple[mt.TensorTable, torch.Tensor]:
+    def _lists(self, b: _Bucket) -> list[list[torch.Tensor]]:
         L = b.lists
+        if not L["grads"]:
+            L["grads"] = [_local(p.grad) for p in b.params]
         lists = [L["params"], L["grads"], L["exp_avgs"]]
         if L["exp_avg_sqs"]:
             lists.append(L["exp_avg_sqs"])
@@ -381,21 +457,43 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             lists.append(L["max_exp_avg_sqs"])
         if b.master:
             lists.append(L["masters"])
+        return lists
+
+    def _table(self, b: _Bucket, addrs: torch.Tensor | None) -> tuple[mt.TensorTable, torch.Tensor]:
+        """The bucket's tensor table and step table for this step's ``addrs`` (from
+        ``_Bucket.collect``: every gradient already checked against its parameter; None on the
+        full path). State, step counters and groups are fixed for a plan (a new plan gets a new
+        id); params and grads may move between steps: then only their two address columns are
+        rewritten, unless a size changed too (the table is then rebuilt from the re-validated
+        lists)."""
         bkey = (b.backend, b.device, b.param_dtype, b.state_dtype, b.amsgrad, b.master)
-        # State, step counters and groups are fixed for a plan (a new plan gets a new id); params
-        # and grads may move between steps (zero_grad(set_to_none=True) frees the grads).
-        key = (self._plan_id, tuple(t.data_ptr() for t in L["params"]),
-               tuple(t.data_ptr() for t in L["grads"]))
         cached = self._tables.get(bkey)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+        same_plan = addrs is not None and cached is not None and cached[0] == self._plan_id
+        if same_plan and torch.equal(cached[1], addrs):
+            return cached[2], cached[3]
         if b.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{type(self).__name__}: the parameters, gradients or state changed "
                                "during CUDA graph capture; run one eager step before capturing")
-        mt.check_lists(lists)
-        table = mt.build_table(lists, b.groups)
-        step_table = oc.upload_int64([s.data_ptr() for s in L["steps"]], b.device)
-        self._tables[bkey] = (key, table, step_table)
+        if same_plan and torch.equal(cached[1][2], addrs[2]):
+            _, _, table, step_table, host = cached
+            if b.device.type == "cpu":    # the kernels ran synchronously: patch in place
+                host[:, :2] = addrs[:2].t()
+            else:                         # the previous upload may still read the old copy
+                host = host.clone()
+                host[:, :2] = addrs[:2].t()
+                host = host.pin_memory()
+                table = mt.TensorTable(host.to(b.device, non_blocking=True), table.chunks,
+                                       table.n_chunks, table.chunk_size, table.lists,
+                                       (host, table._host[1]))
+        else:
+            lists = self._lists(b)
+            mt.check_lists(lists)
+            table = mt.build_table(lists, b.groups)
+            host = table.table if b.device.type == "cpu" else table._host[0]
+            if addrs is None:   # [param addresses; grad addresses; numels], as collect() gives
+                addrs = host[:, [0, 1, table.lists]].t().contiguous()
+            step_table = oc.upload_int64([s.data_ptr() for s in b.lists["steps"]], b.device)
+        self._tables[bkey] = (self._plan_id, addrs, table, step_table, host)
         return table, step_table
 
     @torch.no_grad()
@@ -405,25 +503,27 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets, items = self._fast_plan()
+        buckets, addrs = self._fast_plan()
+        items = None
         if buckets is None:
             items = self._gather()
             if not items:
                 return loss
             buckets = self._buckets(items)
             self._plan_id += 1
-            self._plan = (self._plan_key(), buckets)
+            self._plan = self._new_plan(buckets)
+            addrs = [None] * len(buckets)   # new plan: every table is rebuilt and validated
         if not buckets:
             return loss
         if self.max_grad_norm is not None and items is None:
-            items = [(gi, p, p.grad, pos) for b in buckets for gi, pos, p in
-                     zip(b.groups, b.pos, (self._flat[i] for i in b.pos))]
+            items = [(gi, p, p.grad, pos) for b in buckets
+                     for gi, pos, p in zip(b.groups, b.pos, b.params)]
         self._prepare_clip(items)
         scalars: dict[torch.device, tuple] = {}
         hps: dict[torch.device, torch.Tensor] = {}
         k = self._KERNELS
         sr = self.stochastic_rounding
-        for b in buckets:
+        for b, b_addrs in zip(buckets, addrs):
             if b.device not in scalars:
                 scalars[b.device] = self._grad_multiplier_and_skip(b.device)
             mult, skip = scalars[b.device]
@@ -434,14 +534,13 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 continue
             if b.device not in hps:
                 hps[b.device] = self._hp_table(b.device)
-            table, step_table = self._table(b)
+            table, step_table = self._table(b, b_addrs)
+            kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, amsgrad=b.amsgrad,
+                      master=b.master, sr=sr, seed=self._seed)
             if b.backend == "triton":
-                k["triton"](table, step_table, hps[b.device], mult, skip,
-                            param_dtype=b.param_dtype, state_dtype=b.state_dtype,
-                            amsgrad=b.amsgrad, master=b.master, sr=sr, seed=self._seed)
+                k["triton"](table, step_table, hps[b.device], mult, skip, **kw)
             else:
-                k["compiled"](b.backend, b.lists, table, step_table, hps[b.device], mult, skip,
-                              sr=sr, seed=self._seed)
+                k["compiled"](b.backend, table, step_table, hps[b.device], mult, skip, **kw)
         for b in buckets:      # hold no gradient between steps (their memory must be reusable)
             b.lists["grads"] = []
         return loss
@@ -449,40 +548,43 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     # -- the cached step plan --------------------------------------------------------------------
     # Building buckets costs ~10 us per parameter of Python; a training loop repeats the same
     # plan every step (same params with gradients, same state), so the plan is kept and each
-    # step only collects the new gradients, checks them, and compares addresses.
+    # step only checks that it still applies and re-reads the addresses (module docstring).
 
     def _plan_key(self) -> tuple:
-        self._flat = [p for g in self.param_groups for p in g["params"]]
-        return (tuple(p.grad is not None for p in self._flat),
-                tuple(len(g["params"]) for g in self.param_groups),
+        return (tuple(len(g["params"]) for g in self.param_groups),
                 tuple(self._uses_amsgrad(g) for g in self.param_groups),
                 self.master_weights, self.state_dtype, self.backend, _backend.forced())
 
+    def _new_plan(self, buckets: list[_Bucket]) -> tuple:
+        self._flat = [p for g in self.param_groups for p in g["params"]]
+        no_grad = [p for p in self._flat if p.grad is None]
+        return (self._plan_key(), buckets, no_grad)
+
     def _fast_plan(self):
-        """(buckets with this step's gradients, None) when the cached plan still applies, else
-        (None, None): the full path then validates, creates state and rebuilds the plan."""
+        """(buckets, this step's addresses of each bucket) when the cached plan still applies:
+        the same parameters (by identity), the same ones without a gradient, the same options,
+        and every gradient passes ``_Bucket.collect``. Else (None, None): the full path then
+        validates, creates state and rebuilds the plan."""
         plan = self._plan
         if plan is None:
             return None, None
-        old = self._flat
-        key, buckets = plan
-        if self._plan_key() != key or any(a is not b for a, b in zip(old, self._flat)):
+        key, buckets, no_grad = plan
+        if (self._plan_key() != key
+                or not all(map(operator.is_, chain.from_iterable(g["params"]
+                                                                 for g in self.param_groups),
+                               self._flat))
+                or any(p.grad is not None for p in no_grad)):
             return None, None
-        grads = [p.grad for p in self._flat]
+        addrs = []
         for b in buckets:
-            gl = []
-            kernel = b.backend != "torch"
-            for i in b.pos:
-                g = _local(grads[i])
-                p = b.lists["params"][len(gl)]
-                if (g.layout != torch.strided or g.dtype != p.dtype or g.shape != p.shape
-                        or (kernel and not g.is_contiguous())):
-                    for b2 in buckets:
-                        b2.lists["grads"] = []
-                    return None, None       # let the full path raise or re-route
-                gl.append(g)
-            b.lists["grads"] = gl
-        return buckets, None
+            a = b.collect()
+            if a is None or (b.params and (b.params[0].dtype != b.param_dtype
+                                           or _local(b.params[0]).device != b.device)):
+                for b2 in buckets:
+                    b2.lists["grads"] = []
+                return None, None       # let the full path raise or re-route
+            addrs.append(a)
+        return buckets, addrs
 
 
 def check_lr_betas(lr, betas, weight_decay, eps=None) -> None:
