@@ -2,12 +2,13 @@
 #   make test       install what is missing, build the extensions, run the whole suite
 #   make bench      install what is missing, run the benchmark harness on the default device
 #   make gpu-check  on a GPU machine with no network: device, CUDA tests, benchmarks, logs to $OUT
+#   make report     README's performance tables from bench/results/results.csv
 SHELL := /bin/bash
 PY ?= $(shell tools/pick_python.sh)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: env build test bench plot gpu-check info clean
+.PHONY: env build test bench plot report gpu-check info clean
 
 env:
 	@tools/ensure_env.sh "$(PY)"
@@ -25,6 +26,9 @@ bench: build
 
 plot: env
 	$(PY) bench/plot.py
+
+report: env
+	$(PY) bench/report.py
 
 info: build
 	$(PY) -m fused_lm info
