@@ -35,6 +35,9 @@ tools/locked.sh /tmp/fused_lm_build.lock tools/build.sh "$PY" 2>&1 | tail -5 | t
 echo "== tests on CUDA ($(elapsed) s)"
 per_test=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout=120)
+# Most of the CUDA suite's time is Triton JIT compilation on the host: spread it over processes
+# (one GPU is shared; the tests are small next to its memory).
+"$PY" -c 'import xdist' 2>/dev/null && per_test+=(-n "${FUSED_LM_GPU_TEST_WORKERS:-8}" --dist loadgroup)
 timeout "${FUSED_LM_GPU_TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q "${per_test[@]}" -p no:cacheprovider \
   --junitxml="$out/gpu_tests.xml" --durations=20 2>&1 | tee -a "$out/gpu_check.log" | tail -40 \
   || echo "(tests exited non-zero: see gpu_check.log)"
