@@ -1,7 +1,7 @@
 // Python module of the CPU extension fused_lm._C. The ops themselves are registered with
 // torch.library (TORCH_LIBRARY_FRAGMENT in each op family's file) and called as
 // torch.ops.fused_lm.<name>; this module reports how it was built and holds the host helpers
-// whose Python twin would cost microseconds per tensor (optim_addresses).
+// whose Python twin would cost microseconds per tensor (optim_addresses, multi_tensor_info).
 #include <torch/extension.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -68,6 +68,43 @@ pybind11::object optim_addresses(const pybind11::list& params, bool contiguous) 
   }
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
 }
+
+// What the multi-tensor norm / scale / clamp paths (fused_lm/ops/_multi_tensor.py tensor_info)
+// need of a list of tensors, in one pass: a (4, n) int64 CPU tensor [addresses; numels; dtype
+// codes (c10::ScalarType values); contiguous (0/1)], or None when an item is not a plain tensor
+// (a subclass with a Python dispatch key, e.g. DTensor), is not dense (strided, with storage, no
+// negative bit), is not real floating point, or the tensors are not all on one CPU or CUDA
+// device. None sends the caller to its Python path, which raises the error or takes the
+// general route (several devices, subclasses).
+pybind11::object multi_tensor_info(const pybind11::list& tensors) {
+  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  at::Tensor out = at::empty({4, static_cast<int64_t>(n)}, at::kLong);
+  int64_t* addr = out.data_ptr<int64_t>();
+  int64_t* numel = addr + n;
+  int64_t* code = numel + n;
+  int64_t* contig = code + n;
+  c10::Device device(c10::kCPU);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(tensors.ptr(), i);
+    if (!THPVariable_Check(obj)) return pybind11::none();
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.defined() || t.layout() != c10::kStrided || !t.has_storage() ||
+        t.key_set().has(c10::DispatchKey::Python) || t.is_neg() ||
+        !at::isFloatingType(t.scalar_type()))
+      return pybind11::none();
+    if (i == 0) {
+      device = t.device();
+      if (!device.is_cpu() && !device.is_cuda()) return pybind11::none();
+    } else if (t.device() != device) {
+      return pybind11::none();
+    }
+    addr[i] = reinterpret_cast<int64_t>(t.data_ptr());
+    numel[i] = t.numel();
+    code[i] = static_cast<int64_t>(t.scalar_type());
+    contig[i] = t.is_contiguous() ? 1 : 0;
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -76,4 +113,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("optim_addresses", &optim_addresses, pybind11::arg("params"), pybind11::arg("contiguous"),
         "(3, n) int64 [param addresses; grad addresses; numels] of plain params with valid "
         "grads, else None");
+  m.def("multi_tensor_info", &multi_tensor_info, pybind11::arg("tensors"),
+        "(4, n) int64 [addresses; numels; dtype codes; contiguous] of plain dense real floating "
+        "tensors on one CPU or CUDA device, else None");
 }

@@ -6,15 +6,14 @@
 
 namespace {
 
-void multi_tensor_clamp_cpu(at::TensorList tensors, const at::Tensor& table,
-                            const at::Tensor& chunks, int64_t chunk_size, double lo, double hi,
-                            int64_t /*stream*/) {
-  if (tensors.empty()) return;
+void multi_tensor_clamp_cpu(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+                            c10::ScalarType dtype, double lo, double hi, int64_t /*stream*/) {
   TORCH_CHECK(table.device().is_cpu(), "fused_lm: CPU kernel got a table on ", table.device());
+  const flm::DType code = flm::dtype_code(dtype);
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, 0);
   const flm::TensorTable tt{lt.table, lt.chunks, 1, chunk_size};
   const flm::ClampOp op{static_cast<float>(lo), static_cast<float>(hi)};
-  switch (flm::dtype_code(tensors[0].scalar_type())) {
+  switch (code) {
     case flm::DType::kFloat32: flm::cpu_multi_tensor_apply<flm::ClampOp, float>(tt, lt.n_chunks, op); break;
     case flm::DType::kBFloat16: flm::cpu_multi_tensor_apply<flm::ClampOp, flm::bf16>(tt, lt.n_chunks, op); break;
     case flm::DType::kFloat16: flm::cpu_multi_tensor_apply<flm::ClampOp, flm::fp16>(tt, lt.n_chunks, op); break;
@@ -24,7 +23,9 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, const at::Tensor& table,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
-  m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, Tensor table, Tensor chunks, int chunk_size, "
+  // Clamps in place the tensors (all of `dtype`) whose addresses the table holds
+  // (fused_lm/ops/_multi_tensor.py).
+  m.def("multi_tensor_clamp_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
         "float lo, float hi, int stream) -> ()");
 }
 

@@ -52,12 +52,12 @@ void check_kind(int64_t kind) {
   TORCH_CHECK(kind >= 0 && kind <= 4, "fused_lm: norm kind must be in [0, 4], got ", kind);
 }
 
-void norm_partials_cpu(at::TensorList tensors, const at::Tensor& table, const at::Tensor& chunks,
-                       int64_t chunk_size, const at::Tensor& partials, int64_t kind, double p,
+void norm_partials_cpu(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+                       c10::ScalarType dtype, const at::Tensor& partials, int64_t kind, double p,
                        int64_t /*stream*/) {
-  if (tensors.empty()) return;
   check_kind(kind);
   TORCH_CHECK(table.device().is_cpu(), "fused_lm: CPU kernel got a table on ", table.device());
+  const flm::DType code = flm::dtype_code(dtype);
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, 0);
   TORCH_CHECK(partials.scalar_type() == c10::ScalarType::Float && partials.is_contiguous() &&
                   partials.numel() == lt.n_chunks && partials.device().is_cpu(),
@@ -67,7 +67,7 @@ void norm_partials_cpu(at::TensorList tensors, const at::Tensor& table, const at
   const flm::TensorTable tt{lt.table, lt.chunks, 1, chunk_size};
   float* out = partials.data_ptr<float>();
   const float pf = static_cast<float>(p);
-  switch (flm::dtype_code(tensors[0].scalar_type())) {
+  switch (code) {
     case flm::DType::kFloat32: partials_dispatch<float>(tt, lt.n_chunks, kind, pf, out); break;
     case flm::DType::kBFloat16: partials_dispatch<flm::bf16>(tt, lt.n_chunks, kind, pf, out); break;
     case flm::DType::kFloat16: partials_dispatch<flm::fp16>(tt, lt.n_chunks, kind, pf, out); break;
@@ -102,7 +102,8 @@ void norm_finalize_cpu(const at::Tensor& partials, const at::Tensor& out, int64_
 
 TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
   // kind: 0 sum|x|, 1 sum x^2, 2 sum|x|^p, 3 max|x|, 4 min|x| (csrc/include/fused_lm/norm_functors.h)
-  m.def("multi_tensor_norm_partials_(Tensor[] tensors, Tensor table, Tensor chunks, int chunk_size, "
+  // The table (fused_lm/ops/_multi_tensor.py) holds the addresses of the tensors, all of `dtype`.
+  m.def("multi_tensor_norm_partials_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
         "Tensor(a!) partials, int kind, float p, int stream) -> ()");
   m.def("multi_tensor_norm_finalize_(Tensor partials, Tensor(a!) out, int kind, float p, "
         "float max_norm, int stream) -> ()");

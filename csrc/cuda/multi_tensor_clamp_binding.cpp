@@ -7,15 +7,13 @@ int launch_multi_tensor_clamp(const LaunchTable& lt, DType dtype, float lo, floa
 
 namespace {
 
-void multi_tensor_clamp_cuda(at::TensorList tensors, const at::Tensor& table,
-                             const at::Tensor& chunks, int64_t chunk_size, double lo, double hi,
-                             int64_t stream) {
-  if (tensors.empty()) return;
-  TORCH_CHECK(table.device() == tensors[0].device(), "fused_lm: table on ", table.device(),
-              ", tensors on ", tensors[0].device());
+void multi_tensor_clamp_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+                             c10::ScalarType dtype, double lo, double hi, int64_t stream) {
+  TORCH_CHECK(table.device().is_cuda(), "fused_lm: CUDA kernel got a table on ", table.device());
+  const flm::DType code = flm::dtype_code(dtype);
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, stream);
-  const int err = flm::launch_multi_tensor_clamp(lt, flm::dtype_code(tensors[0].scalar_type()),
-                                                 static_cast<float>(lo), static_cast<float>(hi));
+  const int err = flm::launch_multi_tensor_clamp(lt, code, static_cast<float>(lo),
+                                                 static_cast<float>(hi));
   TORCH_CHECK(err == 0, "fused_lm: multi_tensor_clamp_ launch failed: ", flm::cuda_error_string(err));
 }
 

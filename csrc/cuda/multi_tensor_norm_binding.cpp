@@ -17,21 +17,19 @@ void check_partials(const at::Tensor& partials, int64_t n, const at::Tensor& lik
               "fused_lm: partials must be a contiguous float32 tensor of ", n, " elements, got ",
               partials.scalar_type(), " with ", partials.numel());
   TORCH_CHECK(partials.device() == like.device(), "fused_lm: partials on ", partials.device(),
-              ", tensors on ", like.device());
+              ", tables on ", like.device());
 }
 
-void norm_partials_cuda(at::TensorList tensors, const at::Tensor& table, const at::Tensor& chunks,
-                        int64_t chunk_size, const at::Tensor& partials, int64_t kind, double p,
+void norm_partials_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+                        c10::ScalarType dtype, const at::Tensor& partials, int64_t kind, double p,
                         int64_t stream) {
-  if (tensors.empty()) return;
-  TORCH_CHECK(table.device() == tensors[0].device(), "fused_lm: table on ", table.device(),
-              ", tensors on ", tensors[0].device());
+  TORCH_CHECK(table.device().is_cuda(), "fused_lm: CUDA kernel got a table on ", table.device());
   TORCH_CHECK(kind >= 0 && kind <= 4, "fused_lm: norm kind must be in [0, 4], got ", kind);
+  const flm::DType code = flm::dtype_code(dtype);
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, stream);
-  check_partials(partials, lt.n_chunks, tensors[0]);
+  check_partials(partials, lt.n_chunks, table);
   const int err = flm::launch_multi_tensor_norm_partials(
-      lt, flm::dtype_code(tensors[0].scalar_type()), static_cast<int>(kind), static_cast<float>(p),
-      partials.data_ptr<float>());
+      lt, code, static_cast<int>(kind), static_cast<float>(p), partials.data_ptr<float>());
   TORCH_CHECK(err == 0, "fused_lm: multi_tensor_norm partials launch failed: ",
               flm::cuda_error_string(err));
 }

@@ -7,16 +7,13 @@ int launch_multi_tensor_scale(const LaunchTable& lt, DType dtype, const float* s
 
 namespace {
 
-void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& table,
-                             const at::Tensor& chunks, int64_t chunk_size,
-                             const at::Tensor& scale, int64_t stream) {
-  if (tensors.empty()) return;
-  TORCH_CHECK(table.device() == tensors[0].device(), "fused_lm: table on ", table.device(),
-              ", tensors on ", tensors[0].device());
-  flm::check_scalar(scale, tensors[0], "scale");
+void multi_tensor_scale_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
+                             c10::ScalarType dtype, const at::Tensor& scale, int64_t stream) {
+  TORCH_CHECK(table.device().is_cuda(), "fused_lm: CUDA kernel got a table on ", table.device());
+  flm::check_scalar(scale, table, "scale");
+  const flm::DType code = flm::dtype_code(dtype);
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, stream);
-  const int err = flm::launch_multi_tensor_scale(lt, flm::dtype_code(tensors[0].scalar_type()),
-                                                 scale.data_ptr<float>());
+  const int err = flm::launch_multi_tensor_scale(lt, code, scale.data_ptr<float>());
   TORCH_CHECK(err == 0, "fused_lm: multi_tensor_scale_ launch failed: ", flm::cuda_error_string(err));
 }
 

@@ -10,13 +10,18 @@ and uploads it (pinned memory, non-blocking: no host synchronisation). One CUDA 
 program or OpenMP iteration handles one chunk. The same two tables drive the Triton, CUDA and CPU
 kernels, so there is no kernel-argument size ceiling and no per-tensor launch.
 
-`TableCache` keeps the uploaded tables between calls and rebuilds them only when an address,
-size or dtype changes (checking costs one ``data_ptr()`` per tensor; no device work).
+`TableCache` keeps the uploaded tables between calls, keyed by the host table itself (addresses,
+sizes, groups; compared with ``torch.equal``): a call whose tensors did not move costs no device
+work; when only addresses moved, the chunk table is reused and only the address table is new.
+
+`tensor_info` reads, in one C++ call (``fused_lm._C.multi_tensor_info``; a Python twin without
+the extension), the addresses, sizes, dtypes and contiguity of a list of tensors and checks them
+(plain, dense, real floating, one device), so the norm / scale / clamp paths bucket by dtype and
+build tables with numpy instead of per-tensor Python (``dtype_buckets``, ``TableCache.get_rows``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,61 +71,180 @@ def check_lists(lists: Sequence[Sequence[torch.Tensor]]) -> None:
                                  f"list 0 has {lists[0][i].numel()}")
 
 
+def host_table(lists: Sequence[Sequence[torch.Tensor]], groups: Sequence[int] | None = None
+               ) -> np.ndarray:
+    """The (n, L + 2) int64 host table [addr_0, ..., addr_{L-1}, numel, group] of ``lists``."""
+    n = len(lists[0])
+    n_lists = len(lists)
+    host = np.empty((n, n_lists + 2), dtype=np.int64)
+    for k, lst in enumerate(lists):
+        host[:, k] = [t.data_ptr() for t in lst]
+    host[:, n_lists] = np.fromiter((t.numel() for t in lists[0]), dtype=np.int64, count=n)
+    host[:, n_lists + 1] = groups if groups is not None else 0
+    return host
+
+
 def build_table(lists: Sequence[Sequence[torch.Tensor]], groups: Sequence[int] | None = None,
                 chunk_size: int = CHUNK, device: torch.device | None = None) -> TensorTable:
     """Builds and uploads the tables for ``lists`` (assumed valid: see ``check_lists``)."""
     n = len(lists[0])
-    n_lists = len(lists)
     device = device if device is not None else (lists[0][0].device if n else torch.device("cpu"))
-    host = np.empty((n, n_lists + 2), dtype=np.int64)
-    for k, lst in enumerate(lists):
-        host[:, k] = [t.data_ptr() for t in lst]
-    numel = np.fromiter((t.numel() for t in lists[0]), dtype=np.int64, count=n)
-    host[:, n_lists] = numel
-    host[:, n_lists + 1] = groups if groups is not None else 0
+    return build_table_from_host(host_table(lists, groups), chunk_size, device)
+
+
+def _chunk_table(numel: np.ndarray, chunk_size: int) -> np.ndarray:
+    """(n_chunks, 2) int64 [tensor index, first element]: empty tensors get no chunk."""
+    n = numel.shape[0]
     per_tensor = (numel + chunk_size - 1) // chunk_size         # empty tensors get no chunk
     owner = np.repeat(np.arange(n, dtype=np.int64), per_tensor)
     first = np.cumsum(per_tensor) - per_tensor
     start = (np.arange(owner.size, dtype=np.int64) - np.repeat(first, per_tensor)) * chunk_size
-    chunks = np.stack([owner, start], axis=1) if owner.size else np.zeros((0, 2), dtype=np.int64)
+    return np.stack([owner, start], axis=1) if owner.size else np.zeros((0, 2), dtype=np.int64)
+
+
+def build_table_from_host(host: np.ndarray, chunk_size: int, device: torch.device,
+                          chunks: TensorTable | None = None) -> TensorTable:
+    """Uploads the host table ``host`` (n, L + 2) (taken over: the caller must not modify it) and
+    its chunk table; ``chunks``: a table with the same sizes whose chunk table is reused."""
+    n_lists = host.shape[1] - 2
     table_h = torch.from_numpy(host)
-    chunks_h = torch.from_numpy(np.ascontiguousarray(chunks))
+    if chunks is None:
+        chunks_h = torch.from_numpy(np.ascontiguousarray(_chunk_table(host[:, n_lists], chunk_size)))
+    else:
+        chunks_h = chunks.chunks if device.type == "cpu" else chunks._host[1]
     if device.type == "cpu":
         return TensorTable(table_h, chunks_h, chunks_h.shape[0], chunk_size, n_lists)
-    table_h, chunks_h = table_h.pin_memory(), chunks_h.pin_memory()
-    return TensorTable(table_h.to(device, non_blocking=True), chunks_h.to(device, non_blocking=True),
-                       chunks_h.shape[0], chunk_size, n_lists, (table_h, chunks_h))
+    table_h = table_h.pin_memory()
+    if chunks is None:
+        chunks_h = chunks_h.pin_memory()
+        chunks_d = chunks_h.to(device, non_blocking=True)
+    else:
+        chunks_d = chunks.chunks
+    return TensorTable(table_h.to(device, non_blocking=True), chunks_d, chunks_h.shape[0],
+                       chunk_size, n_lists, (table_h, chunks_h))
 
 
-def table_key(lists: Sequence[Sequence[torch.Tensor]], groups=None) -> tuple:
-    """What a table depends on: every address, size and dtype, and the group of each tensor."""
-    return (tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
-            tuple(t.numel() for t in lists[0]),
-            tuple(lst[0].dtype if lst else None for lst in lists),
-            tuple(groups) if groups is not None else None)
+class _Entry:
+    __slots__ = ("device", "chunk_size", "key", "table")
+
+    def __init__(self, device, chunk_size, key, table):
+        self.device, self.chunk_size, self.key, self.table = device, chunk_size, key, table
 
 
 class TableCache:
-    """A small LRU of uploaded tables keyed by ``table_key``."""
+    """A small LRU of uploaded tables keyed by their host table (every address, size and group;
+    compared with ``torch.equal``) with the device and chunk size. A table depends on nothing else
+    (the kernels take the dtype). When only addresses moved (gradients reallocated), the new
+    entry reuses the chunk table of the one with the same sizes (no chunk rebuild or upload)."""
 
     def __init__(self, size: int = 8):
         self._size = size
-        self._tables: OrderedDict[tuple, TensorTable] = OrderedDict()
+        self._entries: list[_Entry] = []     # least recently used first
 
     def get(self, lists, groups=None, chunk_size: int = CHUNK) -> TensorTable:
-        key = (table_key(lists, groups), chunk_size)
-        table = self._tables.get(key)
-        if table is None:
-            table = build_table(lists, groups, chunk_size)
-            self._tables[key] = table
-            if len(self._tables) > self._size:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
+        """The table of ``lists`` (valid: see ``check_lists``) and ``groups``."""
+        n = len(lists[0])
+        device = lists[0][0].device if n else torch.device("cpu")
+        return self.get_host(host_table(lists, groups), device, chunk_size)
+
+    def get_rows(self, addrs: np.ndarray, numels: np.ndarray, device: torch.device,
+                 chunk_size: int = CHUNK) -> TensorTable:
+        """The one-list table of tensors with addresses ``addrs`` and sizes ``numels`` (int64)."""
+        host = np.empty((addrs.shape[0], 3), dtype=np.int64)
+        host[:, 0] = addrs
+        host[:, 1] = numels
+        host[:, 2] = 0
+        return self.get_host(host, device, chunk_size)
+
+    def get_host(self, host: np.ndarray, device: torch.device, chunk_size: int = CHUNK) -> TensorTable:
+        """The table whose host table is ``host`` (n, L + 2) int64 (taken over on a miss)."""
+        key = torch.from_numpy(host)
+        lists = host.shape[1] - 2
+        same_sizes = None
+        for i in range(len(self._entries) - 1, -1, -1):
+            e = self._entries[i]
+            if e.device != device or e.chunk_size != chunk_size or e.key.shape != key.shape:
+                continue
+            if torch.equal(e.key, key):
+                if i != len(self._entries) - 1:
+                    self._entries.append(self._entries.pop(i))
+                return e.table
+            if same_sizes is None and torch.equal(e.key[:, lists:], key[:, lists:]):
+                same_sizes = e
+        # A CPU table is the host array itself; a device table keeps its pinned copy.
+        table = build_table_from_host(host, chunk_size, device,
+                                      same_sizes.table if same_sizes is not None else None)
+        self._entries.append(_Entry(device, chunk_size, key, table))
+        if len(self._entries) > self._size:
+            self._entries.pop(0)
         return table
 
     def clear(self) -> None:
-        self._tables.clear()
+        self._entries.clear()
+
+
+_native_info = None   # fused_lm._C.multi_tensor_info once looked up; False when unavailable
+# c10::ScalarType values of the dtypes the kernels and the torch path see (the Python twin of the
+# C++ helper gives the same codes; other floating dtypes get codes of their own).
+_DTYPE_CODES: dict[torch.dtype, int] = {torch.float16: 5, torch.float32: 6, torch.float64: 7,
+                                        torch.bfloat16: 15}
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_info_py(tensors: list) -> np.ndarray | None:
+    """The Python twin of ``fused_lm._C.multi_tensor_info`` (see ``tensor_info``)."""
+    n = len(tensors)
+    out = np.empty((4, n), dtype=np.int64)
+    device = None
+    for i, t in enumerate(tensors):
+        if (type(t) not in _PLAIN_TYPES or t.layout != torch.strided or not t.is_floating_point()
+                or t.is_neg()):
+            return None
+        if device is None:
+            device = t.device
+            if device.type not in ("cpu", "cuda"):
+                return None
+        elif t.device != device:
+            return None
+        code = _DTYPE_CODES.get(t.dtype)
+        if code is None:
+            code = _DTYPE_CODES.setdefault(t.dtype, 1000 + len(_DTYPE_CODES))
+        out[0, i] = t.data_ptr()
+        out[1, i] = t.numel()
+        out[2, i] = code
+        out[3, i] = t.is_contiguous()
+    return out
+
+
+def tensor_info(tensors: list) -> np.ndarray | None:
+    """(4, n) int64 [addresses; numels; dtype codes; contiguous (0/1)] of a list of plain (no
+    tensor subclass but Parameter), dense, real floating tensors all on one CPU or CUDA device; None
+    when any of that does not hold (the caller then runs its per-tensor checks, which raise, and
+    its general path). One C++ call when the CPU extension is built."""
+    global _native_info
+    if _native_info is None:
+        from fused_lm import _ext
+
+        _native_info = (getattr(_ext.cpu_ext(), "multi_tensor_info", False)
+                        if _ext.has_cpu() else False)
+    if _native_info:
+        info = _native_info(tensors)
+        return None if info is None else info.numpy()
+    return tensor_info_py(tensors)
+
+
+def dtype_buckets(tensors: list, info: np.ndarray) -> list[tuple[torch.dtype, np.ndarray]]:
+    """(dtype, indices) of each dtype of ``tensors`` (described by ``info``, see ``tensor_info``),
+    in the order of first appearance, as ``bucket_by_dtype``."""
+    n = info.shape[1]
+    if n == 0:
+        return []
+    codes = info[2]
+    if (codes == codes[0]).all():
+        return [(tensors[0].dtype, np.arange(n))]
+    uniq, first = np.unique(codes, return_index=True)
+    return [(tensors[int(first[j])].dtype, np.flatnonzero(codes == uniq[j]))
+            for j in np.argsort(first, kind="stable")]
 
 
 def bucket_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

@@ -61,6 +61,30 @@ def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *
                         backend: str | None = None) -> None:
     """Clamps every tensor of ``tensors`` to ``[lo, hi]`` in place (clamp_min then clamp_max)."""
     tensors = list(tensors)
+    info = mt.tensor_info(tensors)
+    if info is None:
+        _check(tensors)
+    lo, hi = float(lo), float(hi)
+    if info is not None:
+        device = tensors[0].device if tensors else None
+        for dtype, idx in mt.dtype_buckets(tensors, info):
+            idx = idx[info[1, idx] > 0]
+            if idx.size == 0:
+                continue
+            which = _backend.select("multi_tensor_clamp", device, dtype, backend)
+            if which != "torch" and info[3, idx].all():   # all contiguous: table from info
+                _launch(which, dtype, lo, hi, _cache.get_rows(info[0, idx], info[1, idx], device))
+            else:
+                _clamp_group(which, dtype, [tensors[i] for i in idx.tolist()], lo, hi)
+        return
+    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
+        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
+        if group:
+            which = _backend.select("multi_tensor_clamp", device, dtype, backend)
+            _clamp_group(which, dtype, group, lo, hi)
+
+
+def _check(tensors: Sequence[torch.Tensor]) -> None:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
@@ -68,27 +92,27 @@ def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *
             raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
         if t.is_complex() or not t.is_floating_point():
             raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
-    lo, hi = float(lo), float(hi)
-    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
-        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
-        if not group:
-            continue
-        which = _backend.select("multi_tensor_clamp", device, dtype, backend)
-        dense = [t for t in group if t.is_contiguous()]
-        strided = [t for t in group if not t.is_contiguous()]
-        if which == "torch":
-            dense, strided = [], group
-        if strided:
-            torch._foreach_clamp_min_(strided, lo)
-            torch._foreach_clamp_max_(strided, hi)
-        if not dense:
-            continue
-        table = _cache.get([dense])
-        if which == "triton":
-            lo_q, hi_q = (float(torch.tensor(b, dtype=torch.float32).to(dtype)) for b in (lo, hi))
-            _clamp_kernel[(table.n_chunks,)](table.table, table.chunks, lo, hi, lo_q, hi_q,
-                                             DTYPE=mt.tl_dtype(dtype), CHUNK=table.chunk_size, BLOCK=_BLOCK)
-        else:
-            _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
-            torch.ops.fused_lm.multi_tensor_clamp_(dense, table.table, table.chunks, table.chunk_size,
-                                                   lo, hi, _ext.cuda_stream(device))
+
+
+def _clamp_group(which: str, dtype: torch.dtype, group: list[torch.Tensor], lo: float, hi: float) -> None:
+    """Clamps one (device, dtype) bucket of non-empty tensors: non-contiguous ones through torch."""
+    dense = [t for t in group if t.is_contiguous()]
+    strided = [t for t in group if not t.is_contiguous()]
+    if which == "torch":
+        dense, strided = [], group
+    if strided:
+        torch._foreach_clamp_min_(strided, lo)
+        torch._foreach_clamp_max_(strided, hi)
+    if dense:
+        _launch(which, dtype, lo, hi, _cache.get([dense]))
+
+
+def _launch(which: str, dtype: torch.dtype, lo: float, hi: float, table: mt.TensorTable) -> None:
+    if which == "triton":
+        lo_q, hi_q = (float(torch.tensor(b, dtype=torch.float32).to(dtype)) for b in (lo, hi))
+        _clamp_kernel[(table.n_chunks,)](table.table, table.chunks, lo, hi, lo_q, hi_q,
+                                         DTYPE=mt.tl_dtype(dtype), CHUNK=table.chunk_size, BLOCK=_BLOCK)
+    else:
+        _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
+        torch.ops.fused_lm.multi_tensor_clamp_(table.table, table.chunks, table.chunk_size, dtype,
+                                               lo, hi, _ext.cuda_stream(table.table.device))

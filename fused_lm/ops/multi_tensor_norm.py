@@ -184,16 +184,17 @@ def _check(tensors: Sequence[torch.Tensor]) -> None:
             raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
 
 
-def _launch_partials(which: str, group: list[torch.Tensor], dtype: torch.dtype, kind: int, p: float,
-                     partials: torch.Tensor, table: mt.TensorTable) -> None:
+def _launch_partials(which: str, dtype: torch.dtype, kind: int, p: float, partials: torch.Tensor,
+                     table: mt.TensorTable) -> None:
     if which == "triton":
         _norm_partials_kernel[(table.n_chunks,)](table.table, table.chunks, partials, p,
                                                  DTYPE=mt.tl_dtype(dtype), KIND=kind,
                                                  CHUNK=table.chunk_size, BLOCK=_BLOCK)
     else:
         _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
-        torch.ops.fused_lm.multi_tensor_norm_partials_(group, table.table, table.chunks, table.chunk_size,
-                                                       partials, kind, p, _ext.cuda_stream(partials.device))
+        torch.ops.fused_lm.multi_tensor_norm_partials_(table.table, table.chunks, table.chunk_size,
+                                                       dtype, partials, kind, p,
+                                                       _ext.cuda_stream(partials.device))
 
 
 def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm: float) -> torch.Tensor:
@@ -207,33 +208,58 @@ def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm:
     return out
 
 
+def _buckets(tensors: list[torch.Tensor], info, backend: str | None):
+    """(device, dtype, route, non-empty tensors) per (device, dtype) bucket with an element; with
+    ``info`` (mt.tensor_info: one device, all checked) the tensors of kernel routes whose tensors
+    are all contiguous are not listed (None): the table is built from ``info``'s columns."""
+    if info is None:
+        for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
+            group = [tensors[i] for i in idx if tensors[i].numel() > 0]
+            if group:
+                yield device, dtype, _backend.select("multi_tensor_norm", device, dtype, backend), group, None
+        return
+    device = tensors[0].device
+    for dtype, idx in mt.dtype_buckets(tensors, info):
+        idx = idx[info[1, idx] > 0]
+        if idx.size == 0:
+            continue
+        which = _backend.select("multi_tensor_norm", device, dtype, backend)
+        if which != "torch" and info[3, idx].all():
+            yield device, dtype, which, None, (info[0, idx], info[1, idx])
+        else:
+            yield device, dtype, which, [tensors[i] for i in idx.tolist()], None
+
+
 def _route_norms(tensors: list[torch.Tensor], kind: int, p: float, max_norm: float,
-                 backend: str | None) -> list[torch.Tensor]:
+                 backend: str | None, info=None) -> list[torch.Tensor]:
     """One result per (device, route): a float32 (3,) tensor [norm, coef, flag] from each kernel route
     (one partials buffer and one finalise per device and backend), or a 0-d norm from the torch
     route (dtypes the kernels do not take, or backend="torch")."""
-    routes: OrderedDict[tuple, list[tuple[torch.dtype, list[torch.Tensor]]]] = OrderedDict()
-    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
-        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
-        if not group:
-            continue
-        which = _backend.select("multi_tensor_norm", device, dtype, backend)
-        routes.setdefault((device, which), []).append((dtype, group))
+    routes: OrderedDict[tuple, list] = OrderedDict()
+    for device, dtype, which, group, rows in _buckets(tensors, info, backend):
+        routes.setdefault((device, which), []).append((dtype, group, rows))
     results = []
     for (device, which), buckets in routes.items():
         if which == "torch":
-            for dtype, group in buckets:
+            for dtype, group, _ in buckets:
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
                 norms = torch._foreach_norm(group, p, dtype=acc)
                 results.append(torch.linalg.vector_norm(torch.stack(norms), p))
             continue
-        # Reads only: a non-contiguous tensor is read through a contiguous copy.
-        dense = [[t if t.is_contiguous() else t.contiguous() for t in group] for _, group in buckets]
-        tables = [_cache.get([g]) for g in dense]
+        tables, keep = [], []
+        for _, group, rows in buckets:
+            if rows is not None:
+                tables.append(_cache.get_rows(rows[0], rows[1], device))
+            else:
+                # Reads only: a non-contiguous tensor is read through a contiguous copy (kept
+                # alive until the launch).
+                dense = [t if t.is_contiguous() else t.contiguous() for t in group]
+                keep.append(dense)
+                tables.append(_cache.get([dense]))
         partials = torch.empty(sum(t.n_chunks for t in tables), dtype=torch.float32, device=device)
         offset = 0
-        for (dtype, _), group, table in zip(buckets, dense, tables):
-            _launch_partials(which, group, dtype, kind, p, partials[offset:offset + table.n_chunks], table)
+        for (dtype, _, _), table in zip(buckets, tables):
+            _launch_partials(which, dtype, kind, p, partials[offset:offset + table.n_chunks], table)
             offset += table.n_chunks
         results.append(_finalize(which, partials, kind, p, max_norm))
     return results
@@ -262,7 +288,16 @@ def multi_tensor_norm_coef_flag(tensors: Sequence[torch.Tensor], norm_type: floa
     An empty list gives ``(tensor(0.), tensor(1.), tensor(0.))`` on the CPU, as torch's
     ``get_total_norm`` returns ``tensor(0.)``."""
     tensors = list(tensors)
-    _check(tensors)
+    return norm_coef_flag_of(tensors, mt.tensor_info(tensors), norm_type, max_norm, backend=backend)
+
+
+def norm_coef_flag_of(tensors: list[torch.Tensor], info, norm_type: float = 2.0,
+                      max_norm: float = 1.0, *, backend: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``multi_tensor_norm_coef_flag`` of the list ``tensors`` with ``info`` =
+    ``mt.tensor_info(tensors)`` already computed (None: the per-tensor checks and general path)."""
+    if info is None:
+        _check(tensors)
     if not tensors:
         norm = torch.zeros((), dtype=torch.float32)
         return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
@@ -272,7 +307,7 @@ def multi_tensor_norm_coef_flag(tensors: Sequence[torch.Tensor], norm_type: floa
         norm = _count_norm(tensors, first)
         return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
     kind, p = norm_kind(p)
-    results = _route_norms(tensors, kind, p, max_norm, backend)
+    results = _route_norms(tensors, kind, p, max_norm, backend, info)
     if len(results) == 1 and results[0].dim() == 1 and results[0].device == first:
         return results[0][0], results[0][1], results[0][2]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

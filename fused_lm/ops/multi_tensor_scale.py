@@ -82,28 +82,52 @@ def multi_tensor_scale_(tensors: Sequence[torch.Tensor], scale: float | torch.Te
     """Multiplies every tensor in ``tensors`` by ``scale`` in place, one launch per
     (device, dtype). Non-contiguous tensors are scaled through the torch path."""
     tensors = list(tensors)
+    scale_of(tensors, mt.tensor_info(tensors), scale, backend=backend)
+
+
+def scale_of(tensors: list[torch.Tensor], info, scale: float | torch.Tensor, *,
+             backend: str | None = None) -> None:
+    """``multi_tensor_scale_`` of the list ``tensors`` with ``info`` = ``mt.tensor_info(tensors)``
+    already computed (None: the per-tensor checks and general path)."""
+    if info is not None:
+        device = tensors[0].device if tensors else None
+        for dtype, idx in mt.dtype_buckets(tensors, info):
+            which = _backend.select("multi_tensor_scale", device, dtype, backend)
+            s = _scale_tensor(scale, device)
+            if which != "torch" and info[3, idx].all():   # all contiguous: table from info
+                keep = info[1, idx] > 0
+                _launch(which, dtype, s, _cache.get_rows(info[0, idx[keep]], info[1, idx[keep]], device))
+            else:
+                _scale_group(which, dtype, [tensors[i] for i in idx.tolist()], s)
+        return
     _check(tensors)
     for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
         which = _backend.select("multi_tensor_scale", device, dtype, backend)
-        s = _scale_tensor(scale, device)
-        dense = [t for t in group if t.is_contiguous()]
-        strided = [t for t in group if not t.is_contiguous()]
-        if strided:
-            torch._foreach_mul_(strided, s)
-        if not dense:
-            continue
-        if which == "torch":
-            torch._foreach_mul_(dense, s)
-            continue
-        table = _cache.get([dense])
-        if which == "triton":
-            _scale_kernel[(table.n_chunks,)](table.table, table.chunks, s, DTYPE=mt.tl_dtype(dtype),
-                                             CHUNK=table.chunk_size, BLOCK=_BLOCK)
-        else:
-            if which == "cuda":
-                _ext.cuda_ext()
-            else:
-                _ext.cpu_ext()
-            torch.ops.fused_lm.multi_tensor_scale_(dense, table.table, table.chunks, table.chunk_size,
-                                                   s, _ext.cuda_stream(device))
+        _scale_group(which, dtype, [tensors[i] for i in idx], _scale_tensor(scale, device))
+
+
+def _scale_group(which: str, dtype: torch.dtype, group: list[torch.Tensor], s: torch.Tensor) -> None:
+    """Scales one (device, dtype) bucket: non-contiguous tensors through torch."""
+    dense = [t for t in group if t.is_contiguous()]
+    strided = [t for t in group if not t.is_contiguous()]
+    if strided:
+        torch._foreach_mul_(strided, s)
+    if not dense:
+        return
+    if which == "torch":
+        torch._foreach_mul_(dense, s)
+        return
+    _launch(which, dtype, s, _cache.get([dense]))
+
+
+def _launch(which: str, dtype: torch.dtype, s: torch.Tensor, table: mt.TensorTable) -> None:
+    if which != "triton":
+        _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
+    if table.n_chunks == 0:
+        return
+    if which == "triton":
+        _scale_kernel[(table.n_chunks,)](table.table, table.chunks, s, DTYPE=mt.tl_dtype(dtype),
+                                         CHUNK=table.chunk_size, BLOCK=_BLOCK)
+    else:
+        torch.ops.fused_lm.multi_tensor_scale_(table.table, table.chunks, table.chunk_size, dtype,
+                                               s, _ext.cuda_stream(s.device))

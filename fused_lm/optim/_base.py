@@ -297,7 +297,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             skip = flag if skip is zero else torch.maximum(skip, flag)
         return mult, skip
 
-    def _prepare_clip(self, items) -> None:
+    def _prepare_clip(self, grads) -> None:
         """With ``max_grad_norm`` set: the global L2 norm of the step's gradients, on the device,
         in a constant number of launches (fused_lm.optim.clip; DTensor gradients are reduced over
         their mesh, plain ones over ``grad_norm_process_group`` when set), then the coefficient
@@ -312,7 +312,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         from fused_lm.ops.multi_tensor_norm import clip_coef, nonfinite_flag
         from fused_lm.optim.clip import total_norm_coef_flag
 
-        norm, coef, flag = total_norm_coef_flag([item[2] for item in items], 2.0, self.max_grad_norm,
+        norm, coef, flag = total_norm_coef_flag(grads, 2.0, self.max_grad_norm,
                                                 process_group=self.grad_norm_process_group,
                                                 backend=self.backend)
         scale = getattr(self, "grad_scale", None)
@@ -515,10 +515,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             addrs = [None] * len(buckets)   # new plan: every table is rebuilt and validated
         if not buckets:
             return loss
-        if self.max_grad_norm is not None and items is None:
-            items = [(gi, p, p.grad, pos) for b in buckets
-                     for gi, pos, p in zip(b.groups, b.pos, b.params)]
-        self._prepare_clip(items)
+        if self.max_grad_norm is None:
+            self._prepare_clip(None)
+        else:
+            self._prepare_clip([p.grad for b in buckets for p in b.params] if items is None
+                               else [item[2] for item in items])
         scalars: dict[torch.device, tuple] = {}
         hps: dict[torch.device, torch.Tensor] = {}
         k = self._KERNELS
