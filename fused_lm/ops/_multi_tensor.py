@@ -48,6 +48,18 @@ class TensorTable:
         return self.table.shape[0]
 
 
+def check_tensors(tensors: Sequence[torch.Tensor]) -> None:
+    """Every item is a dense tensor of a real floating dtype (the errors name the first that is
+    not). The slow, message-producing twin of the C++ ``multi_tensor_info`` check."""
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
+        if t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
+
+
 def check_lists(lists: Sequence[Sequence[torch.Tensor]]) -> None:
     """Every list has the same length, the i-th tensors have the same numel, and every tensor is
     dense, contiguous and on one device."""

@@ -477,7 +477,7 @@ if triton is not None:
                        stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh, stride_bb,
                        seqlen_q, seqlen_k, n_heads, group,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
+                       BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)

@@ -63,7 +63,7 @@ def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *
     tensors = list(tensors)
     info = mt.tensor_info(tensors)
     if info is None:
-        _check(tensors)
+        mt.check_tensors(tensors)
     lo, hi = float(lo), float(hi)
     if info is not None:
         device = tensors[0].device if tensors else None
@@ -84,14 +84,6 @@ def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *
             _clamp_group(which, dtype, group, lo, hi)
 
 
-def _check(tensors: Sequence[torch.Tensor]) -> None:
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
-        if t.layout != torch.strided:
-            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
-        if t.is_complex() or not t.is_floating_point():
-            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
 
 
 def _clamp_group(which: str, dtype: torch.dtype, group: list[torch.Tensor], lo: float, hi: float) -> None:

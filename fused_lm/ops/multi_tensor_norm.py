@@ -174,14 +174,6 @@ def clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
 
 
-def _check(tensors: Sequence[torch.Tensor]) -> None:
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
-        if t.layout != torch.strided:
-            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
-        if t.is_complex() or not t.is_floating_point():
-            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a real floating dtype")
 
 
 def _launch_partials(which: str, dtype: torch.dtype, kind: int, p: float, partials: torch.Tensor,
@@ -297,7 +289,7 @@ def norm_coef_flag_of(tensors: list[torch.Tensor], info, norm_type: float = 2.0,
     """``multi_tensor_norm_coef_flag`` of the list ``tensors`` with ``info`` =
     ``mt.tensor_info(tensors)`` already computed (None: the per-tensor checks and general path)."""
     if info is None:
-        _check(tensors)
+        mt.check_tensors(tensors)
     if not tensors:
         norm = torch.zeros((), dtype=torch.float32)
         return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)

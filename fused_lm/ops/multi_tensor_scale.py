@@ -65,16 +65,6 @@ def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Te
     return torch.full((), float(scale), dtype=torch.float32, device=device)
 
 
-def _check(tensors: Sequence[torch.Tensor]) -> None:
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
-        if t.is_sparse or t.layout != torch.strided:
-            raise TypeError(f"tensors[{i}] has layout {t.layout}; expected dense tensors")
-        if t.is_complex():
-            raise TypeError(f"tensors[{i}] is complex ({t.dtype}); expected a real floating dtype")
-        if not t.is_floating_point():
-            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected a floating dtype")
 
 
 def multi_tensor_scale_(tensors: Sequence[torch.Tensor], scale: float | torch.Tensor, *,
@@ -100,7 +90,7 @@ def scale_of(tensors: list[torch.Tensor], info, scale: float | torch.Tensor, *,
             else:
                 _scale_group(which, dtype, [tensors[i] for i in idx.tolist()], s)
         return
-    _check(tensors)
+    mt.check_tensors(tensors)
     for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
         which = _backend.select("multi_tensor_scale", device, dtype, backend)
         _scale_group(which, dtype, [tensors[i] for i in idx], _scale_tensor(scale, device))
