@@ -2,19 +2,21 @@
 
 A step:
 
-1. gathers the parameters that have a gradient and validates them all (sparse or complex
-   gradients, mismatched dtypes) before anything is modified;
+1. gathers the parameters that have a gradient and validates them all (sparse gradients,
+   mismatched dtypes, meta tensors) before anything is modified;
 2. creates missing state (torch's layout: ``step`` as a float32 0-d tensor on the parameter's
-   device, the moments, and ``master_param`` under the precision menu);
+   device, the moments in ``_moment_dtype``, and ``master_param`` under the precision menu);
 3. groups the parameters into buckets by (backend, device, param dtype, state dtype, variant
    flags) — a bucket is ONE step-increment launch plus ONE update launch whatever the number of
-   tensors and param groups;
+   tensors and param groups. Complex tensors enter as their real views (``_kview``); parameters
+   the kernels cannot take (float64, non-contiguous) form PyTorch-path buckets of the same step;
 4. per device, uploads the per-group hyperparameter table ``hp`` (ops/_optim_common.py) and reads
    the GradScaler's ``grad_scale``/``found_inf`` as device scalars ``grad_mult``/``skip``, so
    unscaling and inf-skipping happen inside the kernels with no host synchronisation;
 5. launches each bucket on its backend (fused_lm/_backend.py: cuda | triton | cpu | torch) over a
    device tensor table cached between steps. The compiled ops take the tables only (no tensor
-   lists), so every list is validated (``mt.check_lists``) when its table is built.
+   lists), so every list is validated (``mt.check_lists``) when its table is built — for every
+   bucket before the first launch.
 
 A training loop repeats the same plan (buckets, state) every step: it is cached, and a step only
 re-reads the parameters' and gradients' addresses. For plain (non-DTensor) parameters one C++
@@ -27,6 +29,9 @@ two address columns are patched; when a size changed it is rebuilt and re-valida
 check fails the full path runs again (it raises, or re-routes e.g. non-contiguous gradients to
 the torch path).
 
+Around the step, the class keeps torch's contract: torch's constructor keywords and errors
+(``check_constructor``), its ``state_dict``/``load_state_dict`` with their hooks (round trips are
+exact), and copies (deepcopy, pickle) that keep every option beyond torch's (``_OPTIONS``).
 Subclasses define the defaults, the hyperparameter row of a group, the moments of the state and
 the kernels (``_KERNELS``).
 """

@@ -848,3 +848,23 @@ def test_goes_right_direction(kw, sched):
                 s.step()
         last = closure().item()
         assert (last > first) if kw.get("maximize") else (last < first)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_lion_matches_lion_pytorch(decoupled):
+    """The peer itself when installed (pyproject's [peers]): the same parameters, with param
+    groups of their own lr, and its checkpoint loads into ours."""
+    lp = pytest.importorskip("lion_pytorch", reason="lion-pytorch (a peer) is not installed")
+    p = make_params([(100,), (7, 3)])
+    q = clone_params(p)
+    groups = lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-4}]
+    theirs = lp.Lion(groups(p), lr=1e-3, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    ours = fo.Lion(groups(q), lr=1e-3, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    for s in range(5):
+        _step_both([(p, theirs), (q, ours)], s)
+    for a, b in zip(p, q):
+        assert_close(b, a, torch.float32)
+    again = fo.Lion(groups(clone_params(p)), lr=1e-3, weight_decay=0.1,
+                    decoupled_weight_decay=decoupled)
+    again.load_state_dict(theirs.state_dict())
+    assert again.param_groups[0]["decoupled_weight_decay"] is decoupled
