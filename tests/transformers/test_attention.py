@@ -200,18 +200,47 @@ def test_fallbacks_warn_once_and_match_stock():
     assert torch.isfinite(out).all()
 
 
-def test_static_cache_generation_falls_back_correctly():
+@pytest.mark.parametrize("padded", [True, False])
+def test_static_cache_generation_falls_back_correctly(padded):
     """A static cache has unfilled key slots: the mask function hands over the dense mask, so the
     result stays right (SDPA fallback) rather than attending to empty slots."""
     stock, fused = pair("llama")
     ids, mask, _ = padded_batch(2, 8, "left")
+    if not padded:
+        mask = torch.ones_like(mask)                  # generate() then drops the mask entirely
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-              cache_implementation="static")
+              cache_implementation="static", output_scores=True, return_dict_in_generate=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = stock.eval().generate(ids, **kw)
         b = fused.eval().generate(ids, **kw)
-    assert torch.equal(a, b)
+    assert torch.equal(a.sequences, b.sequences)
+    assert_close(torch.stack(b.scores), torch.stack(a.scores), torch.float32, scale=10)
+
+
+def test_mask_function_keeps_what_the_kernel_can_do():
+    """Causal, sliding-window and packed patterns give None or the 2-D padding mask; a custom
+    overlay (as multimodal models add) gets transformers' dense 4-D mask, hence the fallback."""
+    from transformers import masking_utils as mu
+
+    from fused_lm.transformers._attention import padding_mask
+
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[1, :2] = False
+    kw = dict(batch_size=2, q_length=6, kv_length=6, attention_mask=pad)
+    assert torch.equal(padding_mask(mask_function=mu.causal_mask_function, **kw), pad)
+    assert torch.equal(padding_mask(mask_function=mu.sliding_window_causal_mask_function(3), **kw), pad)
+    assert padding_mask(mask_function=mu.causal_mask_function, **{**kw, "attention_mask": None}) is None
+
+    def image_block(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx < 2
+
+    dense = padding_mask(mask_function=mu.or_masks(mu.causal_mask_function, image_block), **kw)
+    assert dense.shape == (2, 1, 6, 6) and bool(dense[0, 0, 0, 1]) and not bool(dense[1, 0, 3, 1])
+    # Keys that are not the contiguous past of the queries (a static cache's empty slots).
+    dense = padding_mask(mask_function=mu.causal_mask_function, batch_size=2, q_length=2,
+                         kv_length=8, q_offset=torch.tensor(3), attention_mask=None)
+    assert dense.shape == (2, 1, 2, 8) and not bool(dense[0, 0, 1, 5])
 
 
 # -- model types, registration, other models -----------------------------------------------------
