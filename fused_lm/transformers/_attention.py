@@ -226,7 +226,7 @@ def _check_layout(module, query, key, value) -> None:
         problem = f"the last dim ({d}) is not the module's head_dim ({module.head_dim})"
     if problem is not None:
         hint = ""
-        if isinstance(groups, int) and nq == nk * groups or nq % max(nk, 1) == 0 and hq == nk:
+        if hq == hk and nk > 0 and nq % nk == 0:         # dim 1 equal (T), dim 2 in GQA ratio (H)
             hint = " (they look like (B, T, H, D): transformers' interface passes (B, H, T, D))"
         raise ValueError(f"attention_forward: query {tuple(query.shape)}, key {tuple(key.shape)}, "
                          f"value {tuple(value.shape)} are not (batch, heads, seq_len, head_dim): "
