@@ -68,7 +68,8 @@ class _IdentityCache:
         self.entries: list[tuple[tuple, tuple, Any, Any]] = []
 
     def get(self, tensors: tuple, extra: Any, compute: Callable[[], Any]) -> Any:
-        versions = tuple(t._version for t in tensors)
+        # Inference tensors have no version counter (and cannot be changed outside inference mode).
+        versions = tuple(-1 if t.is_inference() else t._version for t in tensors)
         for keys, vers, ex, value in self.entries:
             if ex == extra and vers == versions and all(a is b for a, b in zip(keys, tensors)):
                 return value

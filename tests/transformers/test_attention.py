@@ -77,6 +77,11 @@ def test_packed_position_ids_equal_stock(family):
     got = _logits(fused, input_ids=ids, position_ids=pos)
     assert_close(got, _logits(stock, input_ids=ids, position_ids=pos), torch.float32, scale=10)
     assert_close(got, _segments_alone(stock, ids), torch.float32, scale=10)
+    # Two rows packed differently (transformers packs per row; so does the kernel's varlen).
+    ids2 = torch.randint(0, VOCAB, (2, sum(LENGTHS)))
+    pos2 = torch.stack([pos[0], torch.cat([torch.arange(6), torch.arange(6)])])
+    assert_close(_logits(fused, input_ids=ids2, position_ids=pos2),
+                 _logits(stock, input_ids=ids2, position_ids=pos2), torch.float32, scale=10)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -198,6 +203,41 @@ def test_fallbacks_warn_once_and_match_stock():
     with pytest.warns(UserWarning, match="dropout"):
         out = fused(ids, attention_mask=mask, use_cache=False).logits
     assert torch.isfinite(out).all()
+
+
+def test_dropout_falls_back_to_the_stock_eager_path():
+    """Gemma 2 with attention dropout in training: transformers' eager path (softcap) with the
+    same mask, so with the same seed even the dropout draws, hence the logits, are equal."""
+    from fused_lm.transformers import _attention
+
+    _attention._warned.clear()
+    stock, fused = pair("gemma2")
+    for model in (stock, fused):
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.2
+        model.train()
+    ids, mask, _ = padded_batch(2, 12, "right")
+    real = mask.bool()
+    torch.manual_seed(5)
+    a = stock(ids, attention_mask=mask, use_cache=False).logits
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="dropout 0.2 > 0 is not fused.*eager"):
+        b = fused(ids, attention_mask=mask, use_cache=False).logits
+    assert_close(b[real], a[real], torch.float32, scale=10)
+
+
+def test_inference_mode():
+    """Inference tensors have no version counter: the per-forward caches cope."""
+    stock, fused = pair("qwen2")
+    ids, mask, _ = padded_batch(3, 12, "left")
+    with torch.inference_mode():
+        a = stock.eval()(ids, attention_mask=mask, use_cache=False).logits
+        b = fused.eval()(ids, attention_mask=mask, use_cache=False).logits
+        pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+        c = stock(ids[:1], position_ids=pos, use_cache=False).logits
+        d = fused(ids[:1], position_ids=pos, use_cache=False).logits
+    assert_close(b[mask.bool()], a[mask.bool()], torch.float32, scale=10)
+    assert_close(d, c, torch.float32, scale=10)
 
 
 @pytest.mark.parametrize("padded", [True, False])
