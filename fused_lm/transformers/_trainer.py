@@ -53,10 +53,12 @@ class FusedLMTrainer(Trainer):
     clipping inside the step: no separate clip or norm pass, ``grad_norm`` logged from the
     optimizer. Takes Trainer's arguments unchanged."""
 
+    # Class-level, so they hold even if Trainer.__init__ itself builds the optimizer.
+    _fused_lm_built = False
+    _fused_lm_hooks = all(callable(getattr(Trainer, name, None)) for name in _HOOKS)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._fused_lm_built = False
-        self._fused_lm_hooks = all(callable(getattr(Trainer, name, None)) for name in _HOOKS)
         if not self._fused_lm_hooks:
             warnings.warn(
                 f"FusedLMTrainer: this transformers ({getattr(_transformers(), '__version__', '?')}) "
