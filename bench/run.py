@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
 
-FAMILIES = ["multi_tensor", "optim", "clip", "cross_entropy", "attention"]
+FAMILIES = ["multi_tensor", "optim", "clip", "cross_entropy", "attention", "transformers"]
 
 
 def default_out() -> Path:
