@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--run", default=None, metavar="DATE",
                    help="the run's date (UTC, 2026-01-31T12:00:00Z): join that run if it exists")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
-                   help="start no new case after S seconds (finished rows are saved as always)")
+                   help="start no new case after S seconds from the start (the first case always "
+                        "starts when S > 0; 0 starts none)")
     p.add_argument("--no-table", action="store_true", help="do not write <out>/latest_<device>.txt")
     args = p.parse_args(argv)
 
@@ -250,9 +251,11 @@ def main(argv=None) -> int:
             print(format_row(row), flush=True)
 
         stopped_by_limit = False
+        first = True
         for which in passes:
             for case in cases:
-                if args.time_limit is not None and time.monotonic() - started > args.time_limit:
+                if args.time_limit is not None and (args.time_limit <= 0 or not first) \
+                        and time.monotonic() - started > args.time_limit:
                     stopped_by_limit = True
                     break
                 key = (case.family, case.op, case.shape, case.dtype)
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
                     known = {k: v for k, v in known.items() if k in ref_names}
                 sub = select_providers(case, which, known)
                 if sub is not None:
+                    first = False
                     harness.run_case(sub, device, ceilings, quick, args.reps, on_row=on_row,
                                      known_refs=known)
             if stopped_by_limit:

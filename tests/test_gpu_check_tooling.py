@@ -154,3 +154,27 @@ def test_build_script_uses_the_builds_exit_status(tmp_path):
         assert proc.returncode == expected, proc.stdout + proc.stderr
         if expected:
             assert "setup.py exited 1" in proc.stderr
+
+
+def test_smoke_pins_faults_on_their_case(tmp_path):
+    """A case that aborts its process, one that hangs and one that loses the (CUDA) context each
+    get their FAIL line; every other case of the family still runs in a fresh worker and passes."""
+    crash, hang, lost = ("multi_tensor/scale/fp32/cpu/small", "multi_tensor/norm/bf16/cpu/small",
+                         "multi_tensor/clamp/fp16/cpu/small")
+    env = _env(FUSED_LM_SMOKE_INJECT=f"crash={crash};hang={hang};lost={lost}")
+    log = tmp_path / "smoke.log"
+    proc = subprocess.run([sys.executable, "tools/gpu_smoke.py", "--device", "cpu", "--only", "multi_tensor",
+                           "--sizes", "small", "--case-timeout", "15", "--log", str(log)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = {ln.split()[1]: ln for ln in log.read_text().splitlines() if ln.startswith(("PASS", "FAIL"))}
+    listed = subprocess.run([sys.executable, "tools/gpu_smoke.py", "--device", "cpu", "--only", "multi_tensor",
+                             "--sizes", "small", "--list"], cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=120).stdout.split()
+    cases = [c for c in listed if c.startswith("multi_tensor/")]
+    assert sorted(lines) == sorted(cases)
+    assert "crashed: worker died with signal 6" in lines[crash]
+    assert "timeout" in lines[hang]
+    assert "context lost" in lines[lost]
+    assert all(ln.startswith("PASS") for cid, ln in lines.items() if cid not in (crash, hang, lost)), lines
+    assert "3 failed" in log.read_text()

@@ -66,7 +66,7 @@ capped() { local s=$1; shift; timeout -s INT -k 15 "$s" "$@"; }
 summary=()
 stage_result() {  # stage_result NAME STATUS DETAIL: a line in preflight.log and the final summary
   local line
-  line=$(printf '%-10s %-7s %4s s  %s' "$1" "$2" "$(elapsed)" "$3")
+  line=$(printf '%-15s %-4s %4s s  %s' "$1" "$2" "$(elapsed)" "$3")
   summary+=("$line")
   echo "== stage $line" | tee -a "$out/preflight.log"
 }
@@ -96,7 +96,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$CORES}"
   echo "cores: $CORES; MAX_JOBS=$MAX_JOBS (build); OMP_NUM_THREADS=$OMP_NUM_THREADS (benchmarks; tests and smoke split the cores between their processes)"
   echo "nvidia-smi: $(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -3 | tr '\n' ' ' || true)"
   echo "nvcc: $(timeout 20 nvcc --version 2>&1 | tail -2 | tr '\n' ' ' || echo 'not found')"
-  timeout 60 "$PY" - <<'PYEOF' 2>&1
+  GPU_FLAG="$tmp/has_gpu" timeout 60 "$PY" - <<'PYEOF' 2>&1
 import importlib.util, os, sys, sysconfig
 print(f"python {sys.version.split()[0]} at {sys.executable}")
 inc = sysconfig.get_paths()["include"]
@@ -112,6 +112,8 @@ except ImportError as exc:
 for mod in ("pytest", "xdist", "pytest_timeout", "ninja", "liger_kernel", "lion_pytorch"):
     print(f"{mod}: {'yes' if importlib.util.find_spec(mod) else 'no'}", end="; ")
 print()
+with open(os.environ["GPU_FLAG"], "w") as f:
+    f.write("1" if torch.cuda.is_available() else "0")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
@@ -131,7 +133,7 @@ if home:
 PYEOF
   echo "wheels (.whl/): ${wheels:-none}"
 } 2>&1 | tee "$out/preflight.log"
-has_gpu=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+has_gpu=$(cat "$tmp/has_gpu" 2>/dev/null || echo 0)
 if [ -z "$DRY" ] && [ "$has_gpu" != 1 ]; then
   banner "torch sees no CUDA device: this is no GPU run (FUSED_LM_GPU_CHECK_DRY=1 walks the stages without one)"
   stage_result preflight FAIL "no CUDA device"
@@ -147,8 +149,11 @@ fi
 limit=$(cap 150 180)
 echo "== build (limit ${limit} s, archs ${FUSED_LM_CUDA_ARCHS:-checkout default}, MAX_JOBS=$MAX_JOBS)" | tee "$out/build.log"
 # The dry run only checks that the build is current (a rebuild takes minutes on a small machine).
+# (No build lock for a check that builds nothing: another checkout's build may hold it for minutes.)
+lock=(tools/locked.sh /tmp/fused_lm_build.lock)
+[ -n "$DRY" ] && lock=()
 FUSED_LM_BUILD_CHECK_ONLY="$DRY" FUSED_LM_BUILD_LOG="$out/build.log" capped "$limit" \
-  tools/locked.sh /tmp/fused_lm_build.lock tools/build.sh "$PY" 2>&1 | tail -n 12
+  "${lock[@]}" tools/build.sh "$PY" 2>&1 | tail -n 12
 build_rc=${PIPESTATUS[0]}
 echo "== build.sh exited $build_rc" >> "$out/build.log"
 "$PY" - >>"$out/build.log" 2>&1 <<'PYEOF'
@@ -218,9 +223,10 @@ run_pass() {  # run_pass NAME MARKEXPR MAX RESERVE
   local name=$1 expr=$2 limit extra=()
   limit=$(cap "$3" "$4")
   "$PY" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout=60)
-  [ -n "$DRY" ] && extra+=(--collect-only -q)
+  local serial="${FUSED_LM_SERIAL_TESTS:-}"
+  [ -n "$DRY" ] && extra+=(--collect-only -q) && serial=1   # (collection needs no workers)
   echo "== tests, pass $name (limit ${limit} s): -m \"$expr\"" | tee -a "$out/tests.log"
-  FUSED_LM_TEST_WORKERS="$workers" OMP_NUM_THREADS=$(( CORES / workers > 0 ? CORES / workers : 1 )) \
+  FUSED_LM_SERIAL_TESTS="$serial" FUSED_LM_TEST_WORKERS="$workers" OMP_NUM_THREADS=$(( CORES / workers > 0 ? CORES / workers : 1 )) \
     capped "$limit" tools/run_tests.sh "$PY" -m "$expr" -v -rfE -p no:cacheprovider \
     --junitxml="$tmp/tests_$name.xml" -o junit_suite_name="$name" "${extra[@]}" 2>&1 \
     | tee -a "$out/tests.log" | grep --line-buffered -E '(FAILED|ERROR)|^=+ .*( in [0-9.]+s| seconds? )|tests? collected|^[0-9]+ tests'
@@ -262,8 +268,10 @@ for f in "${families[@]}"; do
   [ -n "$DRY" ] && soft=6
   [ "$soft" -lt 5 ] && [ -z "$DRY" ] && soft=5
   wsum=$(( wsum - w ))
-  echo "== bench $f (no new case after ${soft} s, stopped at $(( soft + 20 )) s)" | tee -a "$out/bench.log"
-  OMP_NUM_THREADS=$CORES capped $(( soft + 20 )) "$PY" bench/run.py --only "$f" "${size_args[@]}" \
+  hard=$(( soft + 20 ))
+  [ -n "$DRY" ] && hard=$(( soft + 60 ))   # (the dry run's CPU cases are slow: room for its first one)
+  echo "== bench $f (no new case after ${soft} s, stopped at ${hard} s)" | tee -a "$out/bench.log"
+  OMP_NUM_THREADS=$CORES capped "$hard" "$PY" bench/run.py --only "$f" "${size_args[@]}" \
     --providers light --run "$run_date" --out "$out" --no-table --time-limit "$soft" 2>&1 | tee -a "$out/bench.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && bench_fail="$bench_fail $f(exit $rc)"

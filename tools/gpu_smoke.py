@@ -296,11 +296,12 @@ def _lce_case(size, dt, backend, device):
     return err, smoke_bound(dt)
 
 
-# (name, shapes (B, Nq, Hq, Hkv, D) or varlen lengths, causal) per size
+# (name, shapes (B, Nq, Hq, Hkv, D) or (varlen lengths, Hq, Hkv, D), causal) per size. Both sizes
+# share head dims and flags, so the realistic case reuses the kernels JIT-compiled for the small one.
 ATTENTION_VARIANTS = {
-    "small": [("causal", (2, 37, 3, 3, 32), True), ("gqa", (1, 45, 4, 2, 64), False),
-              ("varlen", ([17, 1, 40], 4, 2, 32), True)],
-    "realistic": [("causal", (4, 1024, 12, 12, 64), True), ("gqa", (2, 1024, 16, 4, 128), True),
+    "small": [("causal", (2, 37, 3, 3, 64), True), ("gqa", (1, 45, 4, 2, 128), False),
+              ("varlen", ([17, 1, 40], 4, 2, 64), True)],
+    "realistic": [("causal", (4, 1024, 12, 12, 64), True), ("gqa", (2, 1024, 16, 4, 128), False),
                   ("varlen", ([1000, 1, 513, 2047, 300], 12, 4, 64), True)],
 }
 
@@ -380,10 +381,23 @@ def worker(device_name: str, ids: list[str]) -> int:
     families = sorted({i.split("/")[0] for i in ids})
     sizes = sorted({i.split("/")[-1] for i in ids})
     table = {c.id: c for c in all_cases(device, families, sizes)}
+    # Fault injection for the tests of this script (tests/test_gpu_check_tooling.py):
+    # FUSED_LM_SMOKE_INJECT="crash=<id>;hang=<id>;lost=<id>" makes that case abort the process,
+    # sleep forever, or fail like a sticky CUDA error (context lost).
+    inject = dict(kv.split("=", 1)[::-1] for kv in os.environ.get("FUSED_LM_SMOKE_INJECT", "").split(";") if "=" in kv)
     for cid in ids:
         print(f"START {cid}", flush=True)
         t0 = time.perf_counter()
+        lost = False
         try:
+            fault = inject.get(cid)
+            if fault == "crash":
+                os.abort()
+            elif fault == "hang":
+                time.sleep(3600)
+            elif fault == "lost":
+                lost = True
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
             err, bound = table[cid].run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -393,7 +407,7 @@ def worker(device_name: str, ids: list[str]) -> int:
                   flush=True)
         except Exception as exc:  # one case's failure is reported, the next case runs
             msg = (str(exc).strip().splitlines() or [""])[0][:300]
-            alive = _context_alive(device)
+            alive = _context_alive(device) and not lost
             tail = "" if alive else " [CUDA context lost: a fresh worker takes the next case]"
             print(f"FAIL {cid} {type(exc).__name__}: {msg}{tail}", flush=True)
             if not alive:
