@@ -178,3 +178,38 @@ def test_smoke_pins_faults_on_their_case(tmp_path):
     assert "context lost" in lines[lost]
     assert all(ln.startswith("PASS") for cid, ln in lines.items() if cid not in (crash, hang, lost)), lines
     assert "3 failed" in log.read_text()
+
+
+def test_rows_stream_references_first_and_heavy_providers_last():
+    """harness.run_case hands each row over as it is measured, references first (so every later
+    row carries its speed-ups); bench/run.py's passes split compile-heavy providers off and give
+    them the references already measured in the run instead of timing them again."""
+    import torch
+
+    from bench import harness
+    from bench.run import select_providers
+
+    calls = []
+
+    def provider(name, **kw):
+        def setup():
+            calls.append(name)
+            return lambda: None
+        return harness.Provider(name, setup, **kw)
+
+    case = harness.Case("fam", "op", "shape", "fp32",
+                        [provider("fused"), provider("torch-compile"), provider("eager", reference=True),
+                         provider("flex-attention"), provider("plain", compile_heavy=True)])
+    assert [p.name for p in case.providers if harness.is_compile_heavy(p)] == \
+        ["torch-compile", "flex-attention", "plain"]
+    light = select_providers(case, "light", {})
+    streamed = []
+    rows = harness.run_case(light, torch.device("cpu"), {}, quick=True, reps=5, on_row=streamed.append)
+    assert calls == ["eager", "fused"] and [r.provider for r in streamed] == ["eager", "fused"]
+    assert [r.provider for r in rows] == ["fused", "eager"]          # the case's own order
+    assert "eager" in streamed[1].speedups
+    heavy = select_providers(case, "heavy", {"eager": 1.0})
+    assert [p.name for p in heavy.providers] == ["torch-compile", "flex-attention", "plain"]
+    rows = harness.run_case(heavy, torch.device("cpu"), {}, quick=True, reps=5, known_refs={"eager": 1.0})
+    assert all(set(r.speedups) == {"eager"} for r in rows)
+    assert select_providers(harness.Case("f", "o", "s", "d", [provider("x")]), "heavy", {}) is None

@@ -164,8 +164,6 @@ def optim_cases(device, sizes) -> list[Case]:
             for dt in DTYPES:
                 if opts.get("master_weights") and dt == "fp32":
                     continue          # master weights exist only for 16-bit parameters
-                if opts.get("state_dtype") == "bf16" and dt == "fp16":
-                    continue          # fp16 parameters keep fp32 or fp16 moments
                 for b in _backends(cls.lower(), device):
                     def run(size=size, dt=dt, b=b, cls=cls, opts=opts):
                         return _optim_case(cls, opts, size, dt, b, device)
