@@ -46,7 +46,7 @@ info: build
 	$(PY) -m fused_lm info
 
 gpu-check:
-	@tools/gpu_check.sh "$(PY)"
+	@bash tools/gpu_check.sh "$(PY)"
 
 clean:
 	rm -rf build fused_lm/*.so .build-stamp .triton-*/

@@ -150,10 +150,10 @@ limit=$(cap 150 180)
 echo "== build (limit ${limit} s, archs ${FUSED_LM_CUDA_ARCHS:-checkout default}, MAX_JOBS=$MAX_JOBS)" | tee "$out/build.log"
 # The dry run only checks that the build is current (a rebuild takes minutes on a small machine).
 # (No build lock for a check that builds nothing: another checkout's build may hold it for minutes.)
-lock=(tools/locked.sh /tmp/fused_lm_build.lock)
+lock=(bash tools/locked.sh /tmp/fused_lm_build.lock)
 [ -n "$DRY" ] && lock=()
 FUSED_LM_BUILD_CHECK_ONLY="$DRY" FUSED_LM_BUILD_LOG="$out/build.log" capped "$limit" \
-  "${lock[@]}" tools/build.sh "$PY" 2>&1 | tail -n 12
+  "${lock[@]}" bash tools/build.sh "$PY" 2>&1 | tail -n 12
 build_rc=${PIPESTATUS[0]}
 echo "== build.sh exited $build_rc" >> "$out/build.log"
 "$PY" - >>"$out/build.log" 2>&1 <<'PYEOF'
@@ -227,7 +227,7 @@ run_pass() {  # run_pass NAME MARKEXPR MAX RESERVE
   [ -n "$DRY" ] && extra+=(--collect-only -q) && serial=1   # (collection needs no workers)
   echo "== tests, pass $name (limit ${limit} s): -m \"$expr\"" | tee -a "$out/tests.log"
   FUSED_LM_SERIAL_TESTS="$serial" FUSED_LM_TEST_WORKERS="$workers" OMP_NUM_THREADS=$(( CORES / workers > 0 ? CORES / workers : 1 )) \
-    capped "$limit" tools/run_tests.sh "$PY" -m "$expr" -v -rfE -p no:cacheprovider \
+    capped "$limit" bash tools/run_tests.sh "$PY" -m "$expr" -v -rfE -p no:cacheprovider \
     --junitxml="$tmp/tests_$name.xml" -o junit_suite_name="$name" "${extra[@]}" 2>&1 \
     | tee -a "$out/tests.log" | grep --line-buffered -E '(FAILED|ERROR)|^=+ .*( in [0-9.]+s| seconds? )|tests? collected|^[0-9]+ tests'
   local rc=${PIPESTATUS[0]}
