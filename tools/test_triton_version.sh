@@ -7,8 +7,9 @@
 #
 # The release is installed once into .triton-VERSION/ (gitignored; pip's cache makes a fresh
 # clone's install ~20 s) and put first on PYTHONPATH for this run only. Triton < 3.8's interpreter
-# calls int() on one-element arrays, which NumPy >= 2.4 rejects, so that folder also gets
-# numpy<2.4 (FUSED_LM_TRITON_COMPAT_NUMPY overrides the pin).
+# calls int() on one-element arrays, which NumPy >= 2.4 rejects: tests/conftest.py patches that,
+# and the folder also gets numpy<2.4, the combination this job was validated with
+# (FUSED_LM_TRITON_COMPAT_NUMPY overrides the pin).
 set -uo pipefail
 PY="$1"; VERSION="$2"; shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
