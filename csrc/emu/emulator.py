@@ -28,6 +28,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -151,18 +152,30 @@ def _cpu_fp_flags() -> tuple[str, ...]:
     return tuple(cpu_fp_flags())
 
 
+def extensions(cuda: bool = True) -> list:
+    """setup.py's extensions (``cuda=False``: as with FUSED_LM_SKIP_CUDA_BUILD=1)."""
+    spec = importlib.util.spec_from_file_location("fused_lm_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    saved = os.environ.get("FUSED_LM_SKIP_CUDA_BUILD")
+    if not cuda:
+        os.environ["FUSED_LM_SKIP_CUDA_BUILD"] = "1"
+    try:
+        return setup.extensions()
+    finally:
+        if saved is None:
+            os.environ.pop("FUSED_LM_SKIP_CUDA_BUILD", None)
+        else:
+            os.environ["FUSED_LM_SKIP_CUDA_BUILD"] = saved
+
+
 def cpu_fp_flags() -> list[str]:
     """The floating-point flags of the CPU extension fused_lm._C (setup.py): target (-march=native:
     FMA), contraction, math options. Not its -O3: without -ffast-math the optimisation level does
     not change IEEE results once contraction is off, and -O1 compiles twice as fast."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import setup
-    finally:
-        sys.path.pop(0)
-    (ext,) = [e for e in setup.extensions() if e.name == "fused_lm._C"]
-    flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
-        else ext.extra_compile_args
+    (ext,) = [e for e in extensions(cuda=False) if e.name == "fused_lm._C"]
+    flags = ext.extra_compile_args
+    flags = flags["cxx"] if isinstance(flags, dict) else flags
     return [f for f in flags if re.match(r"-m|-ffp-contract|-f(no-)?[\w-]*math", f)]
 
 
