@@ -89,20 +89,48 @@ def _table(table, chunks, lists, chunk_size):
     return table.data_ptr(), chunks.data_ptr(), lists, chunks.shape[0], chunk_size
 
 
-def _optim(steps, hp, grad_mult, skip, p, s, amsgrad, master, sr, seed):
-    return (_CODES[p], _CODES[s], amsgrad, master, hp.data_ptr(), steps.data_ptr(), steps.numel(),
-            grad_mult.data_ptr(), skip.data_ptr(), seed & 0xFFFFFFFF, sr)
+# The arguments of each shim from those of the op it stands for (same names as the schemas).
+def _adamw(table, chunks, chunk_size, steps, hp, grad_mult, skip, lists, p, s, amsgrad, master,
+           sr, seed, stream):
+    return (*_table(table, chunks, lists, chunk_size), _CODES[p], _CODES[s], amsgrad, master,
+            hp.data_ptr(), steps.data_ptr(), steps.numel(), grad_mult.data_ptr(), skip.data_ptr(),
+            seed & 0xFFFFFFFF, sr)
 
 
-# op of fused_lm (schemas in csrc/cpu/*.cpp) -> (its shim in csrc/emu/shims.cpp, the shim's ctypes
+def _lion(table, chunks, chunk_size, steps, hp, grad_mult, skip, lists, p, s, master, sr, seed,
+          stream):
+    return _adamw(table, chunks, chunk_size, steps, hp, grad_mult, skip, lists, p, s, False,
+                  master, sr, seed, stream)
+
+
+def _scale(table, chunks, chunk_size, dtype, scale, stream):
+    return (*_table(table, chunks, 1, chunk_size), _CODES[dtype], scale.data_ptr())
+
+
+def _clamp(table, chunks, chunk_size, dtype, lo, hi, stream):
+    return (*_table(table, chunks, 1, chunk_size), _CODES[dtype], lo, hi)
+
+
+def _partials(table, chunks, chunk_size, dtype, partials, kind, p, stream):
+    return (*_table(table, chunks, 1, chunk_size), _CODES[dtype], kind, p, partials.data_ptr())
+
+
+def _finalize(partials, out, kind, p, max_norm, stream):
+    return partials.data_ptr(), partials.numel(), kind, p, max_norm, out.data_ptr()
+
+
+# op of fused_lm (schemas: csrc/cpu/*.cpp) -> (its shim in csrc/emu/shims.cpp, the shim's ctypes
 # argument types, the shim's arguments from the op's). One entry per CUDA launcher.
+_F, _I = C.c_float, C.c_int
 EMULATED_OPS = {
-    "multi_tensor_adamw_": ("emu_adamw", _TABLE + _OPTIM, lambda t, c, cs, st, hp, gm, sk, n, p, s, ams, m, sr, seed, _: (*_table(t, c, n, cs), *_optim(st, hp, gm, sk, p, s, ams, m, sr, seed))),  # noqa: E501
-    "multi_tensor_lion_": ("emu_lion", _TABLE + _OPTIM, lambda t, c, cs, st, hp, gm, sk, n, p, s, m, sr, seed, _: (*_table(t, c, n, cs), *_optim(st, hp, gm, sk, p, s, False, m, sr, seed))),  # noqa: E501
-    "multi_tensor_scale_": ("emu_multi_tensor_scale", _TABLE + [C.c_int, C.c_void_p], lambda t, c, cs, dt, s, _: (*_table(t, c, 1, cs), _CODES[dt], s.data_ptr())),  # noqa: E501
-    "multi_tensor_clamp_": ("emu_multi_tensor_clamp", _TABLE + [C.c_int, C.c_float, C.c_float], lambda t, c, cs, dt, lo, hi, _: (*_table(t, c, 1, cs), _CODES[dt], lo, hi)),  # noqa: E501
-    "multi_tensor_norm_partials_": ("emu_multi_tensor_norm_partials", _TABLE + [C.c_int, C.c_int, C.c_float, C.c_void_p], lambda t, c, cs, dt, out, kind, p, _: (*_table(t, c, 1, cs), _CODES[dt], kind, p, out.data_ptr())),  # noqa: E501
-    "multi_tensor_norm_finalize_": ("emu_multi_tensor_norm_finalize", [C.c_void_p, C.c_int64, C.c_int, C.c_float, C.c_float, C.c_void_p], lambda x, out, kind, p, max_norm, _: (x.data_ptr(), x.numel(), kind, p, max_norm, out.data_ptr())),  # noqa: E501
+    "multi_tensor_adamw_": ("emu_adamw", _TABLE + _OPTIM, _adamw),
+    "multi_tensor_lion_": ("emu_lion", _TABLE + _OPTIM, _lion),
+    "multi_tensor_scale_": ("emu_multi_tensor_scale", _TABLE + [_I, C.c_void_p], _scale),
+    "multi_tensor_clamp_": ("emu_multi_tensor_clamp", _TABLE + [_I, _F, _F], _clamp),
+    "multi_tensor_norm_partials_": ("emu_multi_tensor_norm_partials",
+                                    _TABLE + [_I, _I, _F, C.c_void_p], _partials),
+    "multi_tensor_norm_finalize_": ("emu_multi_tensor_norm_finalize",
+                                    [C.c_void_p, C.c_int64, _I, _F, _F, C.c_void_p], _finalize),
 }
 
 
@@ -320,7 +348,8 @@ def test_scale_and_clamp(emu, dtype, schedule):
     check(*twin(emu, run), True)   # one multiply, comparisons: nothing to contract
 
 
-NORMS = subset_under_asan([1.0, 2.0, 3.5, -1.5, math.inf, -math.inf], lambda p: p in (2.0, math.inf))
+NORMS = subset_under_asan([1.0, 2.0, 3.5, -1.5, math.inf, -math.inf],
+                          lambda p: p in (2.0, math.inf))
 
 
 @pytest.mark.parametrize("dtypes", [(d,) for d in DTYPES] + [DTYPES], ids=str)
@@ -517,6 +546,12 @@ def test_block_barriers(emu, block, schedule):
     assert out.tolist() == [[(n + 2) // 3, 1, 1, n * (n - 1) // 2]] * 2
 
 
+def test_atomics(emu, schedule):
+    out = selftest(emu, "atomic", grid=(3, 1, 1), block=(64, 1, 1))[:8]
+    assert out[[0, 1, 2, 3, 5, 6]].tolist() == [192, 191, -191, -1, 7, 3]
+    assert out[4:5].view(torch.float32).item() == 96.0
+
+
 def test_missing_barrier_shows(emu):
     """No barrier between a shared-memory write and another thread's read: in thread order every
     thread but the last reads its neighbour's slot before it is written (0xffffffff), a shuffled
@@ -549,14 +584,16 @@ REPORTS = [
      rf"__syncthreads \({SITE}\)"),
     ("two_barriers", (64, 1, 1), 719, rf"waits at __syncthreads \({SITE}\) while thread "
      rf"\(0, 0, 0\) waits at __syncthreads \({SITE}\)"),
-    ("outside_mask", (32, 1, 1), 719, r"mask 0x0000ffff does not name the calling lane (1[6-9]|2\d|3[01])\b"),
+    ("outside_mask", (32, 1, 1), 719,
+     r"mask 0x0000ffff does not name the calling lane (1[6-9]|2\d|3[01])\b"),
     ("mask_mismatch", (32, 1, 1), 719, rf"__ballot_sync \({SITE}\) with mask 0xffffffff: lane 0 "
      rf"\(thread \(0, 0, 0\)\) waits at __ballot_sync \({SITE}\) with mask 0x0000ffff"),
     ("bad_width", (32, 1, 1), 719, r"width 24 is not a power of two"),
     ("deadlock", (32, 1, 1), 719,
      rf"__shfl_sync \({SITE}\) with mask 0xffffffff: lane 0 \(thread \(0, 0, 0\)\) waits at "
      rf"__syncthreads \({SITE}\) instead"),
-    ("bounded", (256, 1, 1), 701, r"256 threads per block, over the kernel's __launch_bounds__\(128\)"),
+    ("bounded", (256, 1, 1), 701,
+     r"256 threads per block, over the kernel's __launch_bounds__\(128\)"),
     ("big_shared", (32, 1, 1), 701,
      rf"__shared__ at {SITE}: 40960 more bytes, 57376 in all with 16384 dynamic, over the 48 KiB"),
 ]
@@ -625,7 +662,8 @@ def run_driver(lib, *args, env=None):
 
 
 FAULTS = [
-    ("out_of_bounds", 1024, r"Segmentation fault.*?out_of_bounds_kernel.*? at \S*csrc/emu/selftest\.cu:\d+"),
+    ("out_of_bounds", 1024,
+     r"Segmentation fault.*?out_of_bounds_kernel.*? at \S*csrc/emu/selftest\.cu:\d+"),
     ("misaligned", 0, r"misaligned address .* for type 'const struct float4'.*16 byte alignment"),
     ("overflow", 100000, r"stack pointer is below its stack: a stack overflow"),
 ]

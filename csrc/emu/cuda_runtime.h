@@ -239,15 +239,22 @@ T emu_atomic_rmw(T* p, F f) {
   } while (!__atomic_compare_exchange_n(q, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
   return o;
 }
-template <typename T> T atomicAdd(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return T(o + v); }); }
-template <typename T> T atomicSub(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return T(o - v); }); }
-template <typename T> T atomicExch(T* p, T v) { return emu_atomic_rmw(p, [v](T) { return v; }); }
-template <typename T> T atomicMin(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return v < o ? v : o; }); }
-template <typename T> T atomicMax(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return v > o ? v : o; }); }
-template <typename T> T atomicAnd(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return T(o & v); }); }
-template <typename T> T atomicOr(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return T(o | v); }); }
-template <typename T> T atomicXor(T* p, T v) { return emu_atomic_rmw(p, [v](T o) { return T(o ^ v); }); }
-template <typename T> T atomicCAS(T* p, T cmp, T v) {
+#define EMU_ATOMIC(name, result) \
+  template <typename T>            \
+  T name(T* p, T v) {              \
+    return emu_atomic_rmw(p, [v](T o) { return T(result); }); \
+  }
+EMU_ATOMIC(atomicAdd, o + v)
+EMU_ATOMIC(atomicSub, o - v)
+EMU_ATOMIC(atomicExch, v)
+EMU_ATOMIC(atomicMin, v < o ? v : o)
+EMU_ATOMIC(atomicMax, v > o ? v : o)
+EMU_ATOMIC(atomicAnd, o & v)
+EMU_ATOMIC(atomicOr, o | v)
+EMU_ATOMIC(atomicXor, o ^ v)
+#undef EMU_ATOMIC
+template <typename T>
+T atomicCAS(T* p, T cmp, T v) {
   return emu_atomic_rmw(p, [cmp, v](T o) { return o == cmp ? v : o; });
 }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -2,20 +2,22 @@
 //
 // Design notes
 // ------------
-// Build. csrc/emu/emulator.py copies csrc/include and csrc/cuda into build/emu/, rewriting three
-// constructs g++ cannot parse (`k<<<cfg>>>(args)`, `__shared__` declarations, `__launch_bounds__`)
-// with `#line` directives so that every report names the original file and line, and compiles the
-// copies with g++ against csrc/emu/cuda_runtime.h (the stand-in for the CUDA headers) together
-// with this file and csrc/emu/shims.cpp (extern "C" entry points for ctypes). Nothing here is in
-// the wheel: setup.py compiles csrc/cpu and csrc/cuda only.
+// Build. csrc/emu/emulator.py copies csrc/include and csrc/cuda, rewriting three constructs g++
+// cannot parse (`k<<<cfg>>>(args)`, `__shared__` declarations, `__launch_bounds__`) with every
+// line kept in place and `#line` directives, so reports name the original file and line, and
+// compiles the copies with g++ against csrc/emu/cuda_runtime.h (the stand-in for the CUDA
+// headers) together with this file and csrc/emu/shims.cpp (extern "C" entry points for ctypes),
+// cached under build/emu/. Nothing here is in the wheel: setup.py compiles csrc/cpu and csrc/cuda.
 //
 // Execution. A launch checks its configuration against the device limits (below), then runs its
 // blocks one at a time on the calling host thread, in order or (emu_set_shuffle) in a seeded
-// random order. The CUDA threads of a block are fibers, each with its own stack (a guard page
-// below it): a thread runs until it reaches __syncthreads or a *_sync warp intrinsic, or returns,
-// then switches back to the block's scheduler (emu_switch: callee-saved registers, MXCSR and the
-// x87 control word, about ten instructions). The scheduler runs every ready thread (in thread
-// order, or shuffled again each round), and when none is left resolves what the others wait on:
+// random order. The CUDA threads of a block are fibers: a thread runs on its own stack (64 KiB
+// of inaccessible addresses below it) until it reaches __syncthreads or a *_sync warp intrinsic,
+// or returns, then switches back to the block's scheduler (emu_switch saves and restores the
+// callee-saved registers, MXCSR and the x87 control word). A thread gets its stack when it first
+// runs and gives it back when it returns, so threads that never synchronise share one hot stack.
+// The scheduler runs every ready thread (in thread order, or shuffled again each round), and when
+// none is left resolves what the others wait on:
 //   * a warp intrinsic is released when every lane its mask names has reached the same intrinsic
 //     (same operation, mask, width and call site) or has exited (the CUDA programming guide: "all
 //     non-exited threads named in mask must execute the same intrinsic with the same mask");
@@ -545,7 +547,8 @@ void print_context(const char* what) {
 }
 
 void restore_handlers() {
-  for (size_t i = 0; i < std::size(kSignals); ++i) sigaction(kSignals[i], &g_old_actions[i], nullptr);
+  for (size_t i = 0; i < std::size(kSignals); ++i)
+    sigaction(kSignals[i], &g_old_actions[i], nullptr);
   sigaltstack(&g_old_altstack, nullptr);
 }
 

@@ -55,6 +55,18 @@ __global__ void block_kernel(int* out) {
   }
 }
 
+// Atomics from every thread of every block.
+__global__ void atomic_kernel(int* out) {
+  const int t = int(threadIdx.x + blockDim.x * blockIdx.x);
+  atomicAdd(&out[0], 1);
+  atomicMax(&out[1], t);
+  atomicMin(&out[2], -t);
+  atomicOr(reinterpret_cast<unsigned*>(&out[3]), 1u << (t % 32));
+  atomicAdd(reinterpret_cast<float*>(&out[4]), 0.5f);
+  atomicCAS(&out[5], 0, 7);
+  atomicExch(&out[6], 3);
+}
+
 // A missing barrier: each thread writes its slot and reads its neighbour's.
 __global__ void race_kernel(int* out) {
   __shared__ int s[64];
@@ -138,6 +150,7 @@ extern "C" __attribute__((visibility("default"))) int emu_selftest(const char* n
     shuffle_kernel<<<grid, block, smem>>>(args[0], args[1], args[2], static_cast<double*>(out));
   else if (is("vote")) vote_kernel<<<grid, block, smem>>>(static_cast<unsigned*>(out));
   else if (is("block")) block_kernel<<<grid, block, smem>>>(o);
+  else if (is("atomic")) atomic_kernel<<<grid, block, smem>>>(o);
   else if (is("race")) race_kernel<<<grid, block, smem>>>(o);
   else if (is("divergent_barrier")) divergent_barrier_kernel<<<grid, block, smem>>>(o);
   else if (is("two_barriers")) two_barriers_kernel<<<grid, block, smem>>>(o);
