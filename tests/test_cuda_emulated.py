@@ -10,7 +10,8 @@ CPU backend fused_lm._C, which runs the same functors:
   CPU extension's flags, or a target without FMA). With GCC's default for C++
   (``-ffp-contract=fast``) and -march=native, the same functor compiled into the CPU loop and into
   the kernel is contracted differently (AdamW with amsgrad differs by 1 ulp in about half of its
-  elements), so the comparison then allows a few float32 ulps: ``CONTRACTED_TOL``.
+  elements), so the comparison then allows a few float32 ulps: ``CONTRACTED_TOL``. (With
+  -ffp-contract=off added to setup.py's CPU flags, this module passes bit for bit.)
 * norm sums: the kernels add in another order than the CPU loop; both are compared with the
   float64 reference within the float32 tolerance; max/min norms are exact.
 
@@ -643,7 +644,7 @@ if what == "selftest":
     code = lib.emu_selftest(sys.argv[3].encode(), u3(1, 1, 1), u3(32, 1, 1), 0,
                             (C.c_int * 3)(int(sys.argv[4]), 0, 0), C.c_void_p(x))
 else:   # multi_tensor_scale: "odd" chunk starts, or "shifted" 64-bit offsets
-    n, chunk, shift = 3 * 16384 + 5, 1001 if what == "odd" else 16384, 0
+    n, chunk, shift = 3 * 16384 + 6, 1001 if what == "odd" else 16384, 0   # last chunks: 109, 6
     if what == "shifted":
         shift = 3 << 31
     x = lib.emu_device_alloc(4 * n)
@@ -679,7 +680,7 @@ def test_faults_are_reported(emu, name, arg, pattern):
     assert re.search(pattern, r.stderr, re.S), r.stderr
 
 
-# ---- the sanitizer run ------------------------------------------------------------------------
+# ---- packaging, and the sanitizer run ---------------------------------------------------------
 
 def test_not_in_the_wheel():
     """setup.py builds csrc/cpu and csrc/cuda only: no emulator source reaches the wheel."""
@@ -707,8 +708,14 @@ def test_sanitizers_and_shuffled_order(emu):
 APPLY = "csrc/include/fused_lm/multi_tensor_apply.cuh"
 NORM = "csrc/cuda/multi_tensor_norm.cu"
 SCALE = "csrc/cuda/multi_tensor_scale.cu"
+# (id, file, text, replacement, the one unit to build, how it must show: "fault:<driver
+# table>:<stderr pattern>" (the "asan-fault" ones on the ASan build: a read past the end that
+# stays within the last page is invisible to the default build), "wrong:<case>" or
+# "report:<pattern>"). The issue's "wrong grid
+# stride": no kernel has a grid-stride loop (one block per chunk), so the nearest real stride is
+# the block's step through its chunk. Its "missing __syncthreads" and "wrong shuffle offset" are
+# in the norm's block reduction, the only kernel code with a barrier and shuffles.
 MUTATIONS = [
-    # (id, file, text, replacement, unit to build, how it must show)
     ("alignment-check-ignores-chunk-start", APPLY,
      "static_cast<const Ts*>(c.ptr(I)) + c.begin)", "static_cast<const Ts*>(c.ptr(I)))", SCALE,
      r"fault:odd:multi_tensor_apply\.cuh:\d+:\d+: runtime error: .* misaligned address .* for "
@@ -717,6 +724,9 @@ MUTATIONS = [
      "for (int i = c.begin + int(threadIdx.x) * kILP;", SCALE,
      r"fault:shifted:Segmentation fault.*?multi_tensor_apply_kernel<flm::ScaleOp, float>.*? at "
      r"\S*csrc/include/fused_lm/multi_tensor_apply\.cuh:\d+"),
+    ("scalar-tail-reads-one-past-the-end", APPLY, "    if (j < c.end) {", "    if (j <= c.end) {",
+     SCALE, r"asan-fault:odd:ERROR: AddressSanitizer: use-after-poison.*?"
+     r"multi_tensor_apply_kernel<flm::ScaleOp, float>"),
     ("wrong-block-stride", APPLY, "const int64_t stride = int64_t(blockDim.x) * kILP;",
      "const int64_t stride = int64_t(blockDim.x);", SCALE, "wrong:scale"),
     ("missing-syncthreads", NORM, "  if (lane == 0) warp_out[warp] = v;\n  __syncthreads();\n",
@@ -755,19 +765,25 @@ def _mutant_case(emu, what: str):
                          ids=[m[0] for m in MUTATIONS])
 def test_mutation_is_caught(emu, path, old, new, unit, expect):
     """Each mutation of the real kernel source (a temporary copy, built alone with the emulator)
-    is caught as the expected wrong result, report or fault; the same check passes unmutated."""
-    mutant = emulator.Emulator(emulator.build(VARIANT, mutations=[(path, old, new)], units=[unit]))
+    is caught as the expected fault, wrong result or report; the same check passes unmutated."""
     kind, _, rest = expect.partition(":")
-    if kind == "fault":
+    if kind.endswith("fault"):
+        variant, lib, env = VARIANT, emu.path, None
+        if kind == "asan-fault":
+            variant, lib = "asan", emulator.build("asan")
+            env = dict(os.environ, LD_PRELOAD=emulator.asan_preload(),
+                       ASAN_OPTIONS="detect_leaks=0")
+        mutant = emulator.build(variant, mutations=[(path, old, new)], units=[unit])
         table, _, pattern = rest.partition(":")
-        assert run_driver(emu.path, table).returncode == 0
-        r = run_driver(mutant.path, table)
+        assert run_driver(lib, table, env=env).returncode == 0
+        r = run_driver(mutant, table, env=env)
         assert r.returncode != 0, r.stdout + r.stderr
         assert re.search(pattern, r.stderr, re.S), r.stderr
         assert re.search(r"emu: kernel flm::multi_tensor_apply_kernel<ScaleOp, float> "
                          r"\(launched at csrc/include/fused_lm/multi_tensor_apply\.cuh:\d+\), "
                          r"block \(\d+, 0, 0\), thread \(\d+, 0, 0\)", r.stderr), r.stderr
         return
+    mutant = emulator.Emulator(emulator.build(VARIANT, mutations=[(path, old, new)], units=[unit]))
     case = "norm" if unit == NORM else "scale"
     _mutant_case(emu, case)
     if kind == "wrong":

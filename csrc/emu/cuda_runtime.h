@@ -28,6 +28,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __constant__
 #define __managed__
+#define __align__(n) __attribute__((aligned(n)))
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
@@ -119,11 +120,11 @@ struct SharedSlot {
   void* ptr = nullptr;
 };
 void* shared_place(SharedSlot& slot, size_t bytes, size_t align, const char* file, int line);
-template <typename T>
+template <typename T, size_t Align = 16>
 T& shared(SharedSlot& slot, const char* file, int line) {
   static_assert(std::is_trivially_destructible<T>::value, "__shared__ of non-trivial type");
-  return *static_cast<T*>(shared_place(slot, sizeof(T), alignof(T) < 16 ? 16 : alignof(T), file,
-                                       line));
+  constexpr size_t align = alignof(T) > Align ? alignof(T) : Align;
+  return *static_cast<T*>(shared_place(slot, sizeof(T), align, file, line));
 }
 void* dynamic_shared();  // extern __shared__ T buf[]: the launch's dynamic shared memory
 

@@ -15,10 +15,11 @@ with ``#line 1 "<original path>"``, so reports name the original file and line):
 
 Build. Objects are cached under build/emu/obj by a hash of the compiler, the flags and the text of
 every file the unit includes; the library under build/emu/<variant>-<hash>/ by the hash of its
-objects. The floating-point flags are the CPU extension's (setup.py), so the emulated kernels
-round exactly as fused_lm._C does (see README "Tests"). Variants: ``default`` checks the
-alignment of every typed access (-fsanitize=alignment); ``asan`` adds AddressSanitizer and UBSan
-and needs the ASan runtime preloaded (``asan_preload()``).
+objects (the 16 libraries used last are kept). The floating-point flags are the CPU extension's
+(setup.py): with FMA contraction off in both, the emulated kernels round exactly as fused_lm._C
+does (README "Tests"). Variants: ``default`` checks the alignment of every typed access
+(-fsanitize=alignment); ``asan`` adds AddressSanitizer and UBSan and needs the ASan runtime
+preloaded (``asan_preload()``).
 """
 
 from __future__ import annotations
@@ -111,14 +112,18 @@ def translate(text: str, path: str) -> str:
         if not d:
             raise ValueError(f"{path}: unsupported __shared__ declaration {m.group(0)!r}")
         typ, name, dims = _flat(d.group(1)), d.group(2), _flat(d.group(3))
+        align = re.search(r"\b(?:__align__|alignas)\s*\((\w+)\)", typ)
+        typ = re.sub(r"\b(?:__align__|alignas)\s*\(\w+\)", "", typ).strip()
+        if "," in typ or not typ:
+            raise ValueError(f"{path}: one variable per __shared__ declaration: {m.group(0)!r}")
         if m.group(1):
             if dims.replace(" ", "") != "[]":
                 raise ValueError(f"{path}: extern __shared__ {name} must be a T name[] array")
             new = f"{typ}* {name} = static_cast<{typ}*>(::emu::dynamic_shared());"
         else:
             slot = f"emu_slot_{n}_{name}"
-            new = (f"static ::emu::SharedSlot {slot}; auto& {name} = "
-                   f"::emu::shared<{typ}{dims}>({slot}, __FILE__, __LINE__);")
+            new = (f"static ::emu::SharedSlot {slot}; auto& {name} = ::emu::shared<{typ}{dims}"
+                   f"{', ' + align.group(1) if align else ''}>({slot}, __FILE__, __LINE__);")
         edits.append((m.start(), m.end(), new + "\n" * m.group(0).count("\n")))
 
     for m in re.finditer(r"__launch_bounds__\s*\(", code):
