@@ -10,7 +10,7 @@ cd "$root"
 log="${FUSED_LM_BUILD_LOG:-/dev/null}"
 say() { echo "$*"; echo "$*" >> "$log"; }
 stamp=.build-stamp
-key=$( { find csrc -type f | sort | xargs sha1sum; sha1sum setup.py;
+key=$( { find csrc -type f -not -path "csrc/emu/*" | sort | xargs sha1sum; sha1sum setup.py;
          "$PY" -c 'import torch, sys; print(torch.__version__, sys.version)';
          echo "${FUSED_LM_CUDA_ARCHS:-80;90} ${FUSED_LM_SKIP_CUDA_BUILD:-0} $(command -v nvcc || true)"; } | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && ls fused_lm/_C.*.so >/dev/null 2>&1; then
