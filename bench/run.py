@@ -137,8 +137,11 @@ class ResultsWriter:
         self._save([harness.row_dict(row, self.env)])
 
     def _save(self, dicts: list[dict]) -> None:
-        # A stop signal arriving now is held until both files are written (then it stops the run).
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        # A stop signal arriving while both files are written is held until they are (then it
+        # stops the run). Blocking the signal with pthread_sigmask is not enough: a signal that
+        # reached the process just before has already tripped Python's flag, and its handler
+        # would run between two bytecodes in here (after the CSV row, before results.json).
+        _HOLD["depth"] += 1
         try:
             new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
             with open(self.csv_path, "a", newline="") as f:
@@ -154,7 +157,14 @@ class ResultsWriter:
             tmp.write_text(json.dumps(self.runs, indent=1))
             os.replace(tmp, self.json_path)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            _HOLD["depth"] -= 1
+        if _HOLD["depth"] == 0 and _HOLD["pending"] is not None:
+            signum, _HOLD["pending"] = _HOLD["pending"], None
+            raise Stopped(signum)
+
+
+# Signal held while a row is written: {"depth": nesting of _save, "pending": signal number}.
+_HOLD: dict = {"depth": 0, "pending": None}
 
 
 class Stopped(BaseException):
@@ -167,6 +177,9 @@ class Stopped(BaseException):
 
 
 def _raise_stopped(signum, frame):
+    if _HOLD["depth"]:
+        _HOLD["pending"] = _HOLD["pending"] or signum
+        return
     raise Stopped(signum)
 
 

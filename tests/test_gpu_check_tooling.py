@@ -72,6 +72,38 @@ def test_bench_killed_after_first_row_keeps_it():
         assert not list(out.glob("*.tmp"))
 
 
+def test_signal_tripped_during_a_row_write_is_held_until_both_files_are_written(tmp_path,
+                                                                                monkeypatch):
+    """Deterministic twin of the test above: Python runs a signal handler between two bytecodes,
+    so a SIGTERM that reached the process just before a row is written runs its handler inside
+    the write (here: right after the CSV row is synced). The row must still reach results.json,
+    and the stop must come after it."""
+    import bench.run as run
+    from bench import harness
+
+    env = harness.environment(__import__("torch").device("cpu"))
+    writer = run.ResultsWriter(tmp_path, env)
+    writer.start({"copy": 1.0, "rmw": 1.0, "matmul": 1.0, "matmul_dtype": "fp32"})
+    real_fsync = os.fsync
+
+    def fsync_then_signal(fd):
+        real_fsync(fd)
+        run._raise_stopped(signal.SIGTERM, None)  # what Python does at the next bytecode
+
+    monkeypatch.setattr(run.os, "fsync", fsync_then_signal)
+    row = harness.Row("multi_tensor", "scale", "s", "fp32", "torch", "ok")
+    with pytest.raises(run.Stopped) as exc:
+        writer.add(row)
+    assert exc.value.signum == signal.SIGTERM
+    rows = _data_rows(tmp_path / "results.csv")
+    runs = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 1 and len(runs[0]["rows"]) == 1
+    assert run._HOLD == {"depth": 0, "pending": None}
+    monkeypatch.setattr(run.os, "fsync", real_fsync)
+    writer.add(row)  # the next row is written normally
+    assert len(_data_rows(tmp_path / "results.csv")) == 2
+
+
 def test_bench_processes_join_one_run(tmp_path):
     """--run DATE: the second process reuses the first one's ceilings and run entry."""
     cmd = [sys.executable, "bench/run.py", "--only", "multi_tensor", "--quick", "--out", str(tmp_path),
