@@ -6,28 +6,17 @@ A step:
    mismatched dtypes, meta tensors) before anything is modified;
 2. creates missing state (torch's layout: ``step`` as a float32 0-d tensor on the parameter's
    device, the moments in ``_moment_dtype``, and ``master_param`` under the precision menu);
-3. groups the parameters into buckets by (backend, device, param dtype, state dtype, variant
-   flags) — a bucket is ONE step-increment launch plus ONE update launch whatever the number of
-   tensors and param groups. Complex tensors enter as their real views (``_kview``); parameters
-   the kernels cannot take (float64, non-contiguous) form PyTorch-path buckets of the same step;
-4. per device, uploads the per-group hyperparameter table ``hp`` (ops/_optim_common.py) and reads
-   the GradScaler's ``grad_scale``/``found_inf`` as device scalars ``grad_mult``/``skip``, so
-   unscaling and inf-skipping happen inside the kernels with no host synchronisation;
-5. launches each bucket on its backend (fused_lm/_backend.py: cuda | triton | cpu | torch) over a
-   device tensor table cached between steps. The compiled ops take the tables only (no tensor
-   lists), so every list is validated (``mt.check_lists``) when its table is built — for every
-   bucket before the first launch.
-
-A training loop repeats the same plan (buckets, state) every step: it is cached, and a step only
-re-reads the parameters' and gradients' addresses. For plain (non-DTensor) parameters one C++
-call per bucket (``fused_lm._C.optim_addresses``; a Python twin when the extension is not built)
-checks every gradient (present, dense, the parameter's dtype, shape and device, contiguous for
-the kernels) and returns a (3, n) int64 tensor [param addresses; grad addresses; numels],
-compared with ``torch.equal`` to the one the table was built from. When only addresses moved
-(gradients reallocated after ``zero_grad(set_to_none=True)``, ``p.data`` replaced) the table's
-two address columns are patched; when a size changed it is rebuilt and re-validated; when a
-check fails the full path runs again (it raises, or re-routes e.g. non-contiguous gradients to
-the torch path).
+3. plans the step (``_plan.build_plan``): buckets by (backend, device, param dtype, state
+   dtype, variant flags), each ONE step-increment launch plus ONE update launch whatever the
+   number of tensors and param groups; complex tensors enter as their real views; parameters the
+   kernels cannot take (float64, non-contiguous) form PyTorch-path buckets of the same step. A
+   training loop repeats the same plan: it is kept, and a later step only re-reads addresses;
+4. per device, reads the per-group hyperparameter table ``hp`` (ops/_optim_common.py) and the
+   GradScaler's ``grad_scale``/``found_inf`` as device scalars ``grad_mult``/``skip`` (clipping
+   folds its coefficient and non-finite flag in), so unscaling, clipping and inf-skipping happen
+   inside the kernels with no host synchronisation;
+5. builds every launch first (tables validated with ``mt.check_lists`` when built, rows read),
+   then launches each bucket on its backend (fused_lm/_backend.py: cuda | triton | cpu | torch).
 
 Around the step, the class keeps torch's contract: torch's constructor keywords and errors
 (``check_constructor``), its ``state_dict``/``load_state_dict`` with their hooks (round trips are
@@ -39,117 +28,17 @@ the kernels (``_KERNELS``).
 from __future__ import annotations
 
 import copy
-import operator
 from collections import defaultdict
+from functools import partial
 from itertools import chain
 from typing import Any
 
 import torch
 
 from fused_lm import _backend
-from fused_lm.ops import _multi_tensor as mt
-from fused_lm.ops import _optim_common as oc
+from fused_lm.optim import _plan
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (param dtype, state dtype) pairs the compiled and Triton kernels take; others use the torch path.
-_KERNEL_PAIRS = {(p, s) for p in _KERNEL_DTYPES for s in (torch.float32, torch.bfloat16, p)}
 _SEED_KEY = "sr_seed"   # saved in every param group of state_dict(): resumed runs draw the same bits
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), else the tensor itself: kernels run on shards."""
-    return getattr(t, "_local_tensor", t)
-
-
-def _kview(t: torch.Tensor) -> torch.Tensor:
-    """What the kernels update for ``t``: its local shard, seen as real when complex. torch's
-    AdamW runs complex parameters, gradients and moments through ``view_as_real`` (real and
-    imaginary parts are independent coordinates), so the same elementwise update on the real
-    view is exactly torch's; it then shares buckets with real parameters of that dtype."""
-    t = getattr(t, "_local_tensor", t)
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_native_addresses = None   # fused_lm._C.optim_addresses once looked up; False when unavailable
-
-
-def _addresses_py(params, grads, contiguous: bool) -> torch.Tensor | None:
-    """The Python twin of ``fused_lm._C.optim_addresses`` over explicit (local) gradients: the
-    (3, n) int64 tensor [param addresses; grad addresses; numels], or None when a gradient is
-    missing, not dense, differs from its parameter in dtype, shape or device, the parameters
-    differ in dtype or device, or (``contiguous``) a tensor is not contiguous."""
-    if not params:
-        return torch.zeros((3, 0), dtype=torch.int64)
-    dtype, device = params[0].dtype, params[0].device
-    for p, g in zip(params, grads):
-        if (g is None or g.layout != torch.strided or p.layout != torch.strided
-                or p.dtype != dtype or p.device != device or g.dtype != dtype
-                or g.device != device or g.shape != p.shape
-                or (contiguous and not (p.is_contiguous() and g.is_contiguous()))):
-            return None
-    return torch.tensor([[p.data_ptr() for p in params], [g.data_ptr() for g in grads],
-                         [p.numel() for p in params]], dtype=torch.int64).reshape(3, len(params))
-
-
-def _addresses(params: list, contiguous: bool) -> torch.Tensor | None:
-    """``_addresses_py`` of plain parameters and their ``.grad``: one C++ call when the CPU
-    extension is built."""
-    global _native_addresses
-    if _native_addresses is None:
-        from fused_lm import _ext
-
-        _native_addresses = (getattr(_ext.cpu_ext(), "optim_addresses", False)
-                             if _ext.has_cpu() else False)
-    if _native_addresses:
-        return _native_addresses(params, contiguous)
-    return _addresses_py(params, [p.grad for p in params], contiguous)
-
-
-class _Bucket:
-    __slots__ = ("backend", "device", "param_dtype", "state_dtype", "amsgrad", "master", "lists",
-                 "groups", "pos", "params", "plain")
-
-    def __init__(self, backend, device, param_dtype, state_dtype, amsgrad, master):
-        self.backend, self.device = backend, device
-        self.param_dtype, self.state_dtype = param_dtype, state_dtype
-        self.amsgrad, self.master = amsgrad, master
-        self.lists = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
-                                      "max_exp_avg_sqs", "masters", "steps")}
-        self.groups: list[int] = []   # param group of each tensor
-        self.pos: list[int] = []      # index of each tensor in the optimizer's flat param list
-        self.params: list = []        # the parameters themselves (DTensor, not their shards)
-        self.plain = True             # every parameter a plain tensor: the C++ address check
-
-    def collect(self) -> torch.Tensor | None:
-        """This step's gradients of the bucket's parameters, checked: (3, n) int64 [param
-        addresses; grad addresses; numels], or None when a check fails. ``lists["grads"]`` is
-        filled only where something reads it (the torch path, DTensor shards); the compiled
-        and Triton kernels read the table."""
-        kernel = self.backend != "torch"
-        if self.plain:
-            first = self.params[0] if self.params else None
-            addrs = _addresses(self.params, kernel)
-            if addrs is not None and not kernel:
-                self.lists["grads"] = [p.grad for p in self.params]
-        else:
-            # Views (shards, real views of complex tensors) are taken again: ``p.data`` may have
-            # been replaced since the plan was built.
-            views, grads = [], []
-            for p in self.params:
-                g = p.grad
-                if g is None:
-                    return None
-                views.append(_kview(p))
-                grads.append(_kview(g))
-            first = views[0] if views else None
-            addrs = _addresses_py(views, grads, kernel)
-            if addrs is not None:
-                self.lists["params"], self.lists["grads"] = views, grads
-        if addrs is not None and first is not None and (first.dtype != self.param_dtype
-                                                        or first.device != self.device):
-            return None
-        return addrs
 
 
 class _MultiTensorOptimizer(torch.optim.Optimizer):
@@ -184,16 +73,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         # The seed of stochastic rounding's random bits: from the process seed, so that building
         # the optimizer consumes no random numbers; saved in state_dict().
         self._seed = torch.initial_seed() & 0xFFFFFFFF
-        self._tables: dict[tuple, tuple] = {}
-        self._hp: dict[torch.device, tuple] = {}
-        self._consts: dict[torch.device, tuple] = {}
-        self._plan: tuple | None = None
-        self._plan_id = 0
+        self._reset_caches()
         # Gradient clipping folded into the step (issue 5; see _prepare_clip).
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm_process_group = grad_norm_process_group
         self.grad_norm: torch.Tensor | None = None
-        self._clip: tuple | None = None
         super().__init__(params, defaults)
 
     # -- subclass hooks ------------------------------------------------------------------------
@@ -269,9 +153,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                             ("grad_norm_process_group", None), ("grad_norm", None)):
             if not hasattr(self, name):
                 setattr(self, name, value)
-        for attr in ("_tables", "_hp", "_consts"):
-            setattr(self, attr, {})
-        self._plan, self._plan_id, self._clip = None, 0, None
+        self._reset_caches()
         for group in self.param_groups:   # checkpoints of older versions lack the newer flags
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -386,6 +268,16 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             return value.to(device=param.device, dtype=dtype, copy=True)
         return value.to(device=param.device, copy=True)
 
+    def _reset_caches(self) -> None:
+        """The caches of the step (none is copied or pickled; a copy's first step rebuilds)."""
+        name = type(self).__name__
+        self._tables = _plan.TableCache(name)
+        self._hp = _plan.HpCache(name)
+        self._consts: dict[torch.device, tuple] = {}
+        self._plan: _plan.StepPlan | None = None
+        self._plan_id = 0
+        self._clip: tuple | None = None
+
     def _invalidate(self) -> None:
         self._tables.clear()
         self._hp.clear()
@@ -449,43 +341,6 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         self.grad_norm = norm
         self._clip = (coef, flag)
 
-    def _hp_table(self, device: torch.device) -> torch.Tensor:
-        """(n_groups, HP_COLS) float32 on ``device``: cached while the float hyperparameters stay
-        the same. Tensor lr and betas (one element, any shape) on the host are read as floats (no
-        device synchronisation); on a device they are copied into the table on the device."""
-        rows, on_device = [], []
-        for gi, group in enumerate(self.param_groups):
-            row = list(self._hp_row(group))
-            for col in range(3):                     # lr, beta1, beta2
-                v = row[col]
-                if isinstance(v, torch.Tensor):
-                    if v.device.type == "cpu":
-                        row[col] = float(v)
-                    else:
-                        on_device.append((gi, col, v))
-                        row[col] = 0.0
-            lr, b1, b2, eps, wd, maximize = row
-            rows.append((float(lr), float(b1), float(b2), float(eps), float(wd),
-                         -1.0 if maximize else 1.0, 0.0, 0.0))
-        key = tuple(rows)
-        cached = self._hp.get(device)
-        if cached is None or cached[0] != key:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    f"{type(self).__name__}: the float hyperparameters changed during CUDA graph "
-                    "capture; run one eager step with the same values before capturing, and use "
-                    "a 0-d CUDA tensor for a learning rate that changes between replays")
-            host = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), oc.HP_COLS)
-            base = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
-            cached = (key, base)
-            self._hp[device] = cached
-        hp = cached[1]
-        if on_device:
-            hp = hp.clone()
-            for gi, col, v in on_device:
-                hp[gi, col].copy_(v.reshape(()), non_blocking=True)
-        return hp
-
     def _torch_row(self, group: dict) -> tuple:
         """The hyperparameters of a group for the PyTorch path: tensors as 0-d views, so that
         they broadcast like Python numbers whatever their one-element shape."""
@@ -539,103 +394,6 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             state["master_param"] = master.copy_(p.detach())
         return state
 
-    def _buckets(self, items) -> list[_Bucket]:
-        selected: dict[tuple, str] = {}
-        for _, p, _g, _ in items:   # validate backends for every (device, dtype) before any change
-            dtype = p.dtype.to_real()
-            key = (p.device, dtype)
-            if key not in selected:
-                selected[key] = _backend.select(self._OP, p.device, dtype, self.backend)
-        buckets: dict[tuple, _Bucket] = {}
-        for gi, p, g, pos in items:
-            group = self.param_groups[gi]
-            state = self._ensure_state(p, group)
-            amsgrad = self._uses_amsgrad(group)
-            lp, lg = _kview(p), _kview(g)
-            moments = [_kview(state[k]) for k in self._MOMENTS]
-            vmax = _kview(state["max_exp_avg_sq"]) if amsgrad else None
-            master = _local(state["master_param"]) if "master_param" in state else None
-            pdt, sdt = lp.dtype, moments[0].dtype
-            backend = selected[(p.device, pdt)]
-            if backend != "torch":
-                dense = (lp.is_contiguous() and lg.is_contiguous()
-                         and all(m.is_contiguous() and m.dtype == sdt for m in moments)
-                         and (vmax is None or (vmax.is_contiguous() and vmax.dtype == sdt))
-                         and (master is None or master.is_contiguous()))
-                if not dense or (pdt, sdt) not in _KERNEL_PAIRS:
-                    backend = "torch"   # same math in PyTorch, for non-contiguous layouts
-            bkey = (backend, lp.device, pdt, sdt, amsgrad, master is not None)
-            b = buckets.get(bkey)
-            if b is None:
-                b = buckets[bkey] = _Bucket(backend, lp.device, pdt, sdt, amsgrad,
-                                            master is not None)
-            L = b.lists
-            L["params"].append(lp)
-            L["grads"].append(lg)
-            L["exp_avgs"].append(moments[0])
-            if len(moments) > 1:
-                L["exp_avg_sqs"].append(moments[1])
-            if vmax is not None:
-                L["max_exp_avg_sqs"].append(vmax)
-            if master is not None:
-                L["masters"].append(master)
-            L["steps"].append(state["step"])
-            b.groups.append(gi)
-            b.pos.append(pos)
-            b.params.append(p)
-            b.plain = b.plain and lp is p and type(p) in _PLAIN_TYPES and type(g) in _PLAIN_TYPES
-        return list(buckets.values())
-
-    def _lists(self, b: _Bucket) -> list[list[torch.Tensor]]:
-        L = b.lists
-        if not L["grads"]:
-            L["grads"] = [_kview(p.grad) for p in b.params]
-        lists = [L["params"], L["grads"], L["exp_avgs"]]
-        if L["exp_avg_sqs"]:
-            lists.append(L["exp_avg_sqs"])
-        if b.amsgrad:
-            lists.append(L["max_exp_avg_sqs"])
-        if b.master:
-            lists.append(L["masters"])
-        return lists
-
-    def _table(self, b: _Bucket, addrs: torch.Tensor | None) -> tuple[mt.TensorTable, torch.Tensor]:
-        """The bucket's tensor table and step table for this step's ``addrs`` (from
-        ``_Bucket.collect``: every gradient already checked against its parameter; None on the
-        full path). State, step counters and groups are fixed for a plan (a new plan gets a new
-        id); params and grads may move between steps: then only their two address columns are
-        rewritten, unless a size changed too (the table is then rebuilt from the re-validated
-        lists)."""
-        bkey = (b.backend, b.device, b.param_dtype, b.state_dtype, b.amsgrad, b.master)
-        cached = self._tables.get(bkey)
-        same_plan = addrs is not None and cached is not None and cached[0] == self._plan_id
-        if same_plan and torch.equal(cached[1], addrs):
-            return cached[2], cached[3]
-        if b.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{type(self).__name__}: the parameters, gradients or state changed "
-                               "during CUDA graph capture; run one eager step before capturing")
-        if same_plan and torch.equal(cached[1][2], addrs[2]):
-            _, _, table, step_table, host = cached
-            if b.device.type == "cpu":    # the kernels ran synchronously: patch in place
-                host[:, :2] = addrs[:2].t()
-            else:                         # the previous upload may still read the old copy
-                host = host.clone()
-                host[:, :2] = addrs[:2].t()
-                host = host.pin_memory()
-                table = mt.TensorTable(host.to(b.device, non_blocking=True), table.chunks,
-                                       table.n_chunks, table.chunk_size, table.lists,
-                                       (host, table._host[1]))
-        else:
-            lists = self._lists(b)
-            mt.check_lists(lists)
-            table = mt.build_table(lists, b.groups)
-            host = table.table if b.device.type == "cpu" else table._host[0]
-            if addrs is None:   # [param addresses; grad addresses; numels], as collect() gives
-                addrs = host[:, [0, 1, table.lists]].t().contiguous()
-            step_table = oc.upload_int64([s.data_ptr() for s in b.lists["steps"]], b.device)
-        self._tables[bkey] = (self._plan_id, addrs, table, step_table, host)
-        return table, step_table
-
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step over every parameter with a gradient; returns ``closure()``'s loss."""
@@ -643,100 +401,83 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets, addrs = self._fast_plan()
-        items = None
-        if buckets is None:
-            items = self._gather()
-            if not items:
-                return loss
-            buckets = self._buckets(items)
-            self._plan_id += 1
-            self._plan = self._new_plan(buckets)
-            addrs = [None] * len(buckets)   # new plan: every table is rebuilt and validated
-        if not buckets:
+        plan, addrs = self._current_plan()
+        if plan is None:
             return loss
-        if self.max_grad_norm is None:
-            self._prepare_clip(None)
-        else:
-            self._prepare_clip([p.grad for b in buckets for p in b.params] if items is None
-                               else [item[2] for item in items])
-        # Per step and device: the gradient multiplier and skip flag, the hyperparameter table of
-        # the kernels; per param group: the PyTorch path's hyperparameter row. Everything that
-        # can raise (tables validated, hyperparameters read) runs before the first launch.
-        scalars: dict[torch.device, tuple] = {}
-        hp_tables: dict[torch.device, torch.Tensor] = {}
-        torch_rows: dict[int, tuple] = {}
-        launches = []
-        for b, b_addrs in zip(buckets, addrs):
-            if b.device not in scalars:
-                scalars[b.device] = self._grad_multiplier_and_skip(b.device)
-            if b.backend == "torch":
-                for gi in b.groups:
-                    if gi not in torch_rows:
-                        torch_rows[gi] = self._torch_row(self.param_groups[gi])
-                launches.append((b, [torch_rows[gi] for gi in b.groups]))
-            else:
-                if b.device not in hp_tables:
-                    hp_tables[b.device] = self._hp_table(b.device)
-                launches.append((b, self._table(b, b_addrs)))
-        k = self._KERNELS
-        sr = self.stochastic_rounding
-        for b, arg in launches:
-            mult, skip = scalars[b.device]
-            if b.backend == "torch":
-                k["torch"](b.lists, arg, mult, skip, amsgrad=b.amsgrad, sr=sr, seed=self._seed,
-                           indices=list(range(len(b.groups))))
-                continue
-            table, step_table = arg
-            kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, amsgrad=b.amsgrad,
-                      master=b.master, sr=sr, seed=self._seed)
-            if b.backend == "triton":
-                k["triton"](table, step_table, hp_tables[b.device], mult, skip, **kw)
-            else:
-                k["compiled"](b.backend, table, step_table, hp_tables[b.device], mult, skip, **kw)
-        for b in buckets:      # hold no gradient between steps (their memory must be reusable)
-            b.lists["grads"] = []
+        self._prepare_clip(None if self.max_grad_norm is None
+                           else [p.grad for p in plan.with_grad])
+        launches = self._launches(plan, addrs)   # everything that can raise raises here
+        for launch in launches:
+            launch()
+        plan.release_grads()
         return loss
 
-    # -- the cached step plan --------------------------------------------------------------------
-    # Building buckets costs ~10 us per parameter of Python; a training loop repeats the same
-    # plan every step (same params with gradients, same state), so the plan is kept and each
-    # step only checks that it still applies and re-reads the addresses (module docstring).
+    def _current_plan(self) -> tuple[_plan.StepPlan | None, list]:
+        """The plan of this step and each bucket's checked addresses: the kept plan when it still
+        applies (same parameters by identity, the same ones without a gradient, the same
+        options, every gradient passes ``Bucket.collect``); else a new one, after validating
+        every gradient and creating missing state (addresses None: every table is rebuilt and
+        validated). (None, []) when no parameter has a gradient."""
+        plan = self._plan
+        if plan is not None and plan.applies(self._plan_key(), self.param_groups):
+            addrs = plan.collect()
+            if addrs is not None:
+                return plan, addrs
+        items = self._gather()
+        if not items:
+            return None, []
+        selected: dict[tuple, str] = {}
+        for _, p, _g, _ in items:   # validate backends for every (device, dtype) before any change
+            key = (p.device, p.dtype.to_real())
+            if key not in selected:
+                selected[key] = _backend.select(self._OP, p.device, key[1], self.backend)
+        states = [self._ensure_state(p, self.param_groups[gi]) for gi, p, _g, _ in items]
+        self._plan_id += 1
+        self._plan = plan = _plan.build_plan(
+            items, states, self._MOMENTS, self._uses_amsgrad,
+            lambda device, dtype: selected[(device, dtype)], key=self._plan_key(),
+            param_groups=self.param_groups, plan_id=self._plan_id)
+        return plan, [None] * len(plan.buckets)
 
     def _plan_key(self) -> tuple:
         return (tuple(len(g["params"]) for g in self.param_groups),
                 tuple(self._uses_amsgrad(g) for g in self.param_groups),
                 self.master_weights, self.state_dtype, self.backend, _backend.forced())
 
-    def _new_plan(self, buckets: list[_Bucket]) -> tuple:
-        self._flat = [p for g in self.param_groups for p in g["params"]]
-        no_grad = [p for p in self._flat if p.grad is None]
-        return (self._plan_key(), buckets, no_grad)
-
-    def _fast_plan(self):
-        """(buckets, this step's addresses of each bucket) when the cached plan still applies:
-        the same parameters (by identity), the same ones without a gradient, the same options,
-        and every gradient passes ``_Bucket.collect``. Else (None, None): the full path then
-        validates, creates state and rebuilds the plan."""
-        plan = self._plan
-        if plan is None:
-            return None, None
-        key, buckets, no_grad = plan
-        if (self._plan_key() != key
-                or not all(map(operator.is_, chain.from_iterable(g["params"]
-                                                                 for g in self.param_groups),
-                               self._flat))
-                or any(p.grad is not None for p in no_grad)):
-            return None, None
-        addrs = []
-        for b in buckets:
-            a = b.collect()
-            if a is None:
-                for b2 in buckets:
-                    b2.lists["grads"] = []
-                return None, None       # let the full path raise or re-route
-            addrs.append(a)
-        return buckets, addrs
+    def _launches(self, plan: _plan.StepPlan, addrs: list) -> list:
+        """Each bucket's launch, ready to call: per device the gradient multiplier and skip flag
+        and the kernels' hyperparameter table; per param group the PyTorch path's row; per
+        kernel bucket its (validated) tables."""
+        scalars: dict[torch.device, tuple] = {}
+        hp_tables: dict[torch.device, torch.Tensor] = {}
+        torch_rows: dict[int, tuple] = {}
+        k, sr, seed = self._KERNELS, self.stochastic_rounding, self._seed
+        launches = []
+        for b, b_addrs in zip(plan.buckets, addrs):
+            if b.device not in scalars:
+                scalars[b.device] = self._grad_multiplier_and_skip(b.device)
+            mult, skip = scalars[b.device]
+            if b.backend == "torch":
+                for gi in b.groups:
+                    if gi not in torch_rows:
+                        torch_rows[gi] = self._torch_row(self.param_groups[gi])
+                launches.append(partial(k["torch"], b.lists, [torch_rows[gi] for gi in b.groups],
+                                        mult, skip, amsgrad=b.amsgrad, sr=sr, seed=seed,
+                                        indices=list(range(len(b.groups)))))
+                continue
+            if b.device not in hp_tables:
+                hp_tables[b.device] = self._hp.get(b.device, [self._hp_row(g)
+                                                              for g in self.param_groups])
+            table, step_table = self._tables.get(b, b_addrs, plan.id)
+            kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, amsgrad=b.amsgrad,
+                      master=b.master, sr=sr, seed=seed)
+            if b.backend == "triton":
+                launches.append(partial(k["triton"], table, step_table, hp_tables[b.device],
+                                        mult, skip, **kw))
+            else:
+                launches.append(partial(k["compiled"], b.backend, table, step_table,
+                                        hp_tables[b.device], mult, skip, **kw))
+        return launches
 
 
 def check_lr_betas(lr, betas, weight_decay, eps=None) -> None:

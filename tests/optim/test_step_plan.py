@@ -1,4 +1,4 @@
-"""The cached step plan of the optimizer engine (fused_lm/optim/_base.py): whatever changes between
+"""The cached step plan of the optimizer engine (fused_lm/optim/_plan.py): whatever changes between
 steps is picked up (gradients written in place or reallocated, ``p.data`` replaced, a gradient
 missing, non-contiguous or of the wrong dtype), with the C++ address check and its Python twin;
 and the compiled ops' own checks (they take tables, not tensor lists)."""
@@ -11,7 +11,7 @@ import torch
 import fused_lm.optim as fo
 from fused_lm import _ext
 from fused_lm.ops import _multi_tensor as mt
-from fused_lm.optim import _base
+from fused_lm.optim import _plan
 from tests._helpers import assert_close, backend_devices
 from tests.optim._common import clone_params, make_params, random_grads, set_grads
 
@@ -23,7 +23,7 @@ SHAPES = [(5,), (3, 4), (17,), ()]
 def addresses(request, monkeypatch):
     """The address check: fused_lm._C.optim_addresses, or its Python twin (no extension)."""
     if request.param == "python":
-        monkeypatch.setattr(_base, "_native_addresses", False)
+        monkeypatch.setattr(_plan, "_native_addresses", False)
     elif not _ext.has_cpu():
         pytest.skip("the CPU extension is not built")
     return request.param
@@ -124,21 +124,21 @@ def test_addresses_native_matches_python():
     native = _ext.cpu_ext().optim_addresses
     p = make_params([(3,), (2, 5), ()])
     set_grads(p, random_grads(p, 0))
-    want = _base._addresses_py(p, [q.grad for q in p], True)
+    want = _plan.addresses_py(p, [q.grad for q in p], True)
     assert want.shape == (3, 3) and torch.equal(native(p, True), want)
     assert want[2].tolist() == [3, 10, 1] and want[0, 1] == p[1].data_ptr()
     assert native([], True).shape == (3, 0)
     p[1].grad = p[1].grad.t().contiguous().t()        # non-contiguous: fine for the torch path
-    assert native(p, True) is None and _base._addresses_py(p, [q.grad for q in p], True) is None
-    assert torch.equal(native(p, False), _base._addresses_py(p, [q.grad for q in p], False))
+    assert native(p, True) is None and _plan.addresses_py(p, [q.grad for q in p], True) is None
+    assert torch.equal(native(p, False), _plan.addresses_py(p, [q.grad for q in p], False))
     for bad in (None, torch.randn(2, 5).to_sparse()):
         p[1].grad = bad
         assert native(p, False) is None
-        assert _base._addresses_py(p, [q.grad for q in p], False) is None
+        assert _plan.addresses_py(p, [q.grad for q in p], False) is None
     p[1].grad = torch.randn(2, 5)
     p[1].data = p[1].data.double()                     # the grad's dtype now differs
     assert native(p, False) is None
-    assert _base._addresses_py(p, [q.grad for q in p], False) is None
+    assert _plan.addresses_py(p, [q.grad for q in p], False) is None
     p[1].data = p[1].data.float()
     assert native(p, False) is not None
     q = make_params([(3,)], torch.bfloat16)
