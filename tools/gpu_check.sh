@@ -154,7 +154,8 @@ limit=$(cap 150 180)
 echo "== build (limit ${limit} s, archs ${FUSED_LM_CUDA_ARCHS:-checkout default}, MAX_JOBS=$MAX_JOBS)" | tee "$out/build.log"
 # The dry run only checks that the build is current (a rebuild takes minutes on a small machine).
 # (No build lock for a check that builds nothing: another checkout's build may hold it for minutes.)
-lock=(bash tools/locked.sh /tmp/fused_lm_build.lock)
+lock=(flock "/tmp/fused_lm_build.$(printf "%s" "$root" | cksum | cut -d" " -f1).lock")
+command -v flock >/dev/null 2>&1 || lock=()
 [ -n "$DRY" ] && lock=()
 FUSED_LM_BUILD_CHECK_ONLY="$DRY" FUSED_LM_BUILD_LOG="$out/build.log" capped "$limit" \
   "${lock[@]}" bash tools/build.sh "$PY" 2>&1 | tail -n 12
