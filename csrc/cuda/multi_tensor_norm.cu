@@ -93,6 +93,7 @@ norm_finalize_kernel(const float* __restrict__ partials, int64_t n, NormOp<K> op
 template <typename T>
 cudaError_t launch_partials(const TensorTable& tt, int64_t n_chunks, NormKind kind, float p,
                             float* partials, cudaStream_t stream) {
+  if (n_chunks > kMaxGridX) return cudaErrorInvalidConfiguration;   // one block per chunk
   const unsigned grid = static_cast<unsigned>(n_chunks);
   switch (kind) {
     case NormKind::kSumAbs:
