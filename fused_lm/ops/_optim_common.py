@@ -152,15 +152,17 @@ if triton is not None:
 
     @triton.jit
     def pow_count(base, t):
-        # base^n in float64 for the integer step count n = t (a float32 count, clamped to
-        # [0, 2^30]: every float32 beta < 1 gives 1 - beta^(2^30) == 1 in float32; NaN -> 2^30),
-        # by squaring: ~31 float64 multiplies per chunk, no libdevice (the interpreter has none),
-        # and the same multiplies in the same order as pow_count in optim_functors.h, so every
-        # backend gets the same bits. Why not exp2(t * log2(beta)) in float32: 1 - beta^t cancels
+        # base^n in float64 for the integer step count n = t (a float32 count, truncated, at
+        # most 2^30: every float32 beta < 1 gives 1 - beta^(2^30) == 1 in float32; n = 0 below 1
+        # and for NaN, which makes the update NaN, as torch's beta ** nan does), by squaring:
+        # 31 float64 multiply steps per chunk, no libdevice (the interpreter has none), and the
+        # same multiplies in the same order as pow_count in optim_functors.h, so every backend
+        # gets the same bits. Why not exp2(t * log2(beta)) in float32: 1 - beta^t cancels
         # (beta2 = 0.999, t = 1: 1000x), and a GPU's lg2.approx has ~2^-22 absolute error, so the
         # bias correction would be off by ~1e-4 relative there and exact in the interpreter.
-        n = tl.where(t < 1073741824.0, t, 1073741824.0)
-        n = tl.where(n > 0.0, n, 0.0).to(tl.int32)
+        # (The outer select is not a max(t, 0): its operands differ, so no NaN-dropping max.f32
+        # appears in the PTX, where tools/triton_aot_check.py looks for AMSGrad's.)
+        n = tl.where(t >= 1.0, tl.where(t < 1073741824.0, t, 1073741824.0), 0.0).to(tl.int32)
         x = base.to(tl.float64)
         r = x * 0.0 + 1.0
         for _ in range(31):

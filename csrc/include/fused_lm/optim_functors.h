@@ -70,13 +70,12 @@ FLM_HD float fma_rn(float a, float b, float c) {
 #endif
 }
 
-// base^n in float64 for the integer step count n = t (clamped to [0, 2^30]; NaN -> 2^30), by
-// squaring: the multiplies of pow_count in fused_lm/ops/_optim_common.py, in the same order, so
-// 1 - beta^t has the same bits on every backend. (powf does not: CUDA's and glibc's differ in the
-// last bits, and 1 - beta^t cancels, beta2 = 0.999 at t = 1 by 1000x.)
+// base^n in float64 for the integer step count n = t (truncated, at most 2^30; 0 below 1 and for
+// NaN), by squaring: the multiplies of pow_count in fused_lm/ops/_optim_common.py, in the same
+// order, so 1 - beta^t has the same bits on every backend. (powf does not: CUDA's and glibc's
+// differ in the last bits, and 1 - beta^t cancels, beta2 = 0.999 at t = 1 by 1000x.)
 FLM_HD double pow_count(float base, float t) {
-  const float c = t < 1073741824.0f ? t : 1073741824.0f;
-  int n = c > 0.0f ? static_cast<int>(c) : 0;
+  int n = t >= 1.0f ? static_cast<int>(t < 1073741824.0f ? t : 1073741824.0f) : 0;
   double x = base;
   double r = 1.0;
   for (int i = 0; i < 31; ++i) {
