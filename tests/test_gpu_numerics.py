@@ -40,6 +40,59 @@ from tests._helpers import HAS_CUDA, assert_close, backend_devices, randn
 from tests.optim._common import make_params, random_grads, set_grads, three_groups
 
 KERNEL_BACKENDS = backend_devices(("triton", "cpu", "cuda"))
+
+
+def _fma_fp32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """float32 x * y + z rounded once, in numpy: the product is exact in float64, the float64
+    sum is rounded to odd (TwoSum error, then one ulp toward it when inexact and even), and a
+    rounded-to-odd 53-bit value rounds to 24 bits correctly."""
+    p = x.astype(np.float64) * y.astype(np.float64)
+    z64 = z.astype(np.float64)
+    s = p + z64
+    bb = s - p
+    err = (p - (s - bb)) + (z64 - bb)
+    fix = (err != 0) & ((s.view(np.int64) & 1) == 0) & np.isfinite(s)
+    s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_fma_fused():
+    """The Triton 3.6 interpreter evaluates tl.fma as x * y + z, rounded twice (3.9 fuses it);
+    a GPU's fma.rn.f32 rounds once. Under such an interpreter, this module's float32 tl.fma is
+    evaluated as the GPU does (the kernels are unchanged), so the bit-for-bit comparisons with
+    the C++ fma_rn hold there too."""
+    if oc.triton is None or not _backend.interpreter_on():
+        yield
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_fma
+    a = np.array([1 + 2.0**-12], dtype=np.float32)
+    probe = original(builder.__new__(builder), *(interpreter.TensorHandle(v, _tl_fp32())
+                                                  for v in (a, a, np.float32([-1 - 2.0**-11]))))
+    if probe.data[0] != 2.0**-24:        # not fused: patch float32 fma for this module
+
+        def create_fma(self, x, y, z):
+            if z.data.dtype == np.float32:
+                return interpreter.TensorHandle(_fma_fp32(*np.broadcast_arrays(x.data, y.data, z.data)),
+                                                z.dtype.scalar)
+            return original(self, x, y, z)
+
+        builder.create_fma = create_fma
+        try:
+            yield
+        finally:
+            builder.create_fma = original
+    else:
+        yield
+
+
+def _tl_fp32():
+    import triton.language as tl
+
+    return tl.float32
 SHAPES = [(), (1,), (1023,), (3, 5, 7), (17000,)]
 
 
