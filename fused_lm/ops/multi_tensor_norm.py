@@ -98,23 +98,26 @@ if triton is not None:
                 offs = begin + i + tl.arange(0, BLOCK)                      # int64: begin is int64
                 mask = offs < end
                 x = mt.load(x_ptr + offs, mask, phase == 1).to(tl.float32)
-                a = tl.abs(x)
                 if KIND == 1:
-                    t = x * x
-                elif KIND == 2:
-                    # |x|^p = 2^(p log2|x|) (torch's pow is not IEEE-rounded either; on a GPU
-                    # lg2/ex2 are the approximate instructions, ~2^-22 absolute in the exponent,
-                    # i.e. ~1e-7 relative per term); masked lanes add 0 (0^p is inf for p < 0).
-                    t = tl.exp2(p * tl.log2(a))
-                    if phase == 1:
-                        t = tl.where(mask, t, 0.0)
-                elif KIND == 4:
-                    t = a
-                    if phase == 1:
-                        t = tl.where(mask, a, float("inf"))
+                    # acc + x^2 rounded once, as NormOp::accumulate (masked lanes load 0)
+                    acc = tl.fma(x, x, acc)
                 else:
-                    t = a                                                   # masked lanes: |0| = 0
-                acc = _combine(acc, t, KIND)
+                    a = tl.abs(x)
+                    if KIND == 2:
+                        # |x|^p = 2^(p log2|x|) (torch's pow is not IEEE-rounded either; on a
+                        # GPU lg2/ex2 are the approximate instructions, ~2^-22 absolute in the
+                        # exponent, i.e. ~1e-7 relative per term); masked lanes add 0 (0^p is
+                        # inf for p < 0).
+                        t = tl.exp2(p * tl.log2(a))
+                        if phase == 1:
+                            t = tl.where(mask, t, 0.0)
+                    elif KIND == 4:
+                        t = a
+                        if phase == 1:
+                            t = tl.where(mask, a, float("inf"))
+                    else:
+                        t = a                                               # masked lanes: |0| = 0
+                    acc = _combine(acc, t, KIND)
         tl.store(partials_ptr + tl.program_id(0), _reduce(acc, KIND))
 
     @triton.jit

@@ -61,15 +61,6 @@ FLM_HD float stochastic_round_bf16(float x, uint32_t bits) {
   return bits_f32((u + (bits & 0xffffu)) & 0xffff0000u);
 }
 
-// a * b + c rounded once (IEEE fused multiply-add) on the host and the device.
-FLM_HD float fma_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
 // base^n in float64 for the integer step count n = t (truncated, at most 2^30; 0 below 1 and for
 // NaN), by squaring: the multiplies of pow_count in fused_lm/ops/_optim_common.py, in the same
 // order, so 1 - beta^t has the same bits on every backend. (powf does not: CUDA's and glibc's
