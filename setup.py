@@ -58,6 +58,29 @@ def _cuda_home():
     return None
 
 
+# Where toolkits put their libraries: lib64 (runfile and most distribution packages), lib (pip and
+# conda layouts, some containers), targets/<triple>/lib (the real directory that lib64 links to in
+# the runfile layout; sbsa for Grace/ARM servers), lib/x64 (Windows-style trees).
+_CUDART_SUBDIRS = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib",
+                   "targets/aarch64-linux/lib", "lib/x64")
+
+
+def _cudart_static_dir(cuda_home: str) -> str:
+    """The directory of ``libcudart_static.a`` under ``cuda_home`` (static cudart is what lets the
+    extension import with no CUDA runtime installed); a clear error when the toolkit has none."""
+    looked = []
+    for sub in _CUDART_SUBDIRS:
+        d = os.path.join(cuda_home, sub)
+        looked.append(d)
+        if os.path.isfile(os.path.join(d, "libcudart_static.a")):
+            return d
+    raise SystemExit(
+        "error: building fused_lm._C_cuda needs the static CUDA runtime libcudart_static.a, which "
+        f"is not in the toolkit at {cuda_home} (looked in: {', '.join(looked)}). Point CUDA_HOME at "
+        "a full CUDA toolkit (the one nvcc belongs to), or set FUSED_LM_SKIP_CUDA_BUILD=1 to build "
+        "the CPU extension only.")
+
+
 def _archs():
     archs = os.environ.get("FUSED_LM_CUDA_ARCHS", "80;90")
     return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
@@ -109,7 +132,7 @@ def extensions():
         cpp_ext.CUDA_HOME = cuda_home
         sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
         sources += glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
-        lib64 = os.path.join(cuda_home, "lib64")
+        cudart_dir = _cudart_static_dir(cuda_home)
         nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false",
                       "-Xptxas=-v" if os.environ.get("FUSED_LM_PTXAS_VERBOSE") else "-Xptxas=-O3"]
         exts.append(
@@ -117,7 +140,7 @@ def extensions():
                 "fused_lm._C_cuda",
                 sources=_rel(sources),
                 include_dirs=include + [os.path.join(cuda_home, "include")],
-                library_dirs=[lib64],
+                library_dirs=[cudart_dir],
                 # Static cudart: the extension imports on machines with no CUDA runtime installed.
                 libraries=["cudart_static", "rt", "dl", "pthread"],
                 extra_compile_args={"cxx": ["-O3", "-DFUSED_LM_CUDA",

@@ -38,6 +38,17 @@ class Provider:
     name: str
     setup: Callable[[], Callable[[], Any]]
     reference: bool = False
+    # Compilation-heavy providers (torch.compile, FlexAttention) run after every other provider
+    # of every family, so a compile that eats the time budget costs only their own rows.
+    # None: decided from the name (is_compile_heavy).
+    compile_heavy: bool | None = None
+
+
+def is_compile_heavy(provider: Provider) -> bool:
+    if provider.compile_heavy is not None:
+        return provider.compile_heavy
+    name = provider.name.lower()
+    return "compile" in name or name.startswith("flex")
 
 
 @dataclass
@@ -210,11 +221,33 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
 
 
 def run_case(case: Case, device: torch.device, ceilings: dict[str, float], quick: bool,
-             reps: int | None = None) -> list[Row]:
+             reps: int | None = None, on_row: Callable[[Row], None] | None = None,
+             known_refs: dict[str, float] | None = None) -> list[Row]:
+    """Times every provider of ``case``; returns the rows in the case's provider order.
+
+    References are measured first, so each row handed to ``on_row`` the moment it is measured
+    (bench/run.py saves it then) already carries its speed-ups over them; ``known_refs``
+    ({provider: median ms}, e.g. measured by an earlier process of the same run) stands in for
+    references not measured here. The returned rows carry every speed-up, also a reference's
+    over references measured after it."""
     reps = reps or (10 if quick else 50)
     warmup = 2 if quick else 10
-    rows: list[Row] = []
-    for prov in case.providers:
+    ref_names = {p.name for p in case.providers if p.reference}
+    refs: dict[str, float] = dict(known_refs or {})
+    order = sorted(range(len(case.providers)), key=lambda i: not case.providers[i].reference)
+    by_index: dict[int, Row] = {}
+
+    def finish(i: int, row: Row) -> None:
+        by_index[i] = row
+        if row.median_ms and row.provider in ref_names:
+            refs[row.provider] = row.median_ms
+        if row.median_ms:
+            row.speedups = {n: ms / row.median_ms for n, ms in refs.items() if n != row.provider}
+        if on_row is not None:
+            on_row(row)
+
+    for i in order:
+        prov = case.providers[i]
         row = Row(case.family, case.op, case.shape, case.dtype, prov.name, "ok", ceiling=case.ceiling)
         try:
             if device.type == "cuda":
@@ -228,12 +261,12 @@ def run_case(case: Case, device: torch.device, ceilings: dict[str, float], quick
             del fn
         except Skip as exc:
             row.status = f"skipped: {exc}"
-            rows.append(row)
+            finish(i, row)
             continue
         except Exception as exc:  # a provider failing must not take the run down
             msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             row.status = f"error: {type(exc).__name__}: {msg}"
-            rows.append(row)
+            finish(i, row)
             continue
         row.reps = len(times)
         row.median_ms = statistics.median(times)
@@ -248,9 +281,8 @@ def run_case(case: Case, device: torch.device, ceilings: dict[str, float], quick
             achieved = row.tflops if case.ceiling == "matmul" else row.gbps
             if achieved is not None:
                 row.frac_of_ceiling = achieved / row.ceiling_value
-        rows.append(row)
-    refs = {r.provider: r.median_ms for r in rows
-            if r.median_ms and any(p.reference and p.name == r.provider for p in case.providers)}
+        finish(i, row)
+    rows = [by_index[i] for i in sorted(by_index)]
     for r in rows:
         if r.median_ms:
             r.speedups = {name: ms / r.median_ms for name, ms in refs.items() if name != r.provider}
@@ -258,6 +290,10 @@ def run_case(case: Case, device: torch.device, ceilings: dict[str, float], quick
 
 
 def git_commit() -> str:
+    """The checkout's short commit (+"-dirty"); $FUSED_LM_COMMIT where the tree is a copy
+    without git (the GPU machine gets the working tree, not the repository)."""
+    if os.environ.get("FUSED_LM_COMMIT"):
+        return os.environ["FUSED_LM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)

@@ -56,6 +56,12 @@ def render(path: Path) -> str:
             ok = [r for r in rs if r["status"] == "ok"]
             if not ok:
                 continue
+            # A case's rows together, in the order the cases were first measured (compile-heavy
+            # providers are measured after every other case and appended later).
+            first: dict[tuple, int] = {}
+            for r in ok:
+                first.setdefault((r["op"], r["shape"], r["dtype"]), len(first))
+            ok.sort(key=lambda r: first[(r["op"], r["shape"], r["dtype"])])
             r0 = ok[0]
             c = ceilings.get((device, r0["date"]), {})
             out.append(f"*{family}*: {r0['date']}, commit `{r0['commit']}`, {r0['threads']} threads, "

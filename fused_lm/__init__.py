@@ -5,6 +5,7 @@
     fused_lm.nn.CrossEntropyLoss, LinearCrossEntropyLoss, MultiheadAttention
     fused_lm.nn.functional.cross_entropy, linear_cross_entropy, scaled_dot_product_attention,
                            flash_attention
+    fused_lm.transformers.apply_fused_lm   Hugging Face transformers in one line (optional dependency)
 
 Import works with no compiler, GPU or compiled extension: missing pieces are reported when used.
 Submodules and public functions are resolved on first use, so `import fused_lm` imports neither
@@ -17,7 +18,7 @@ import importlib
 
 from fused_lm._version import __version__
 
-_SUBMODULES = {"nn", "ops", "optim", "reference"}
+_SUBMODULES = {"nn", "ops", "optim", "reference", "transformers"}
 _FUNCTIONS = {
     "clip_grad_norm_": "fused_lm.optim.clip",
     "clip_grads_with_norm_": "fused_lm.optim.clip",

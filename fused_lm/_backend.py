@@ -60,8 +60,15 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Decided once, at import: torch.compile(fullgraph=True) cannot trace importlib.util.find_spec
+# (torch 2.11 fails on it), and select() runs inside compiled regions on every call. find_spec of
+# a top-level name locates the package without importing it, so `import fused_lm` still does not
+# import triton.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def forced() -> str | None:
@@ -131,11 +138,14 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
         if env is not None and env in spec.backends:
             backend = env
     if backend is not None:
+        # The dtype first: it is a property of the call, the same on every machine, while
+        # availability depends on where it runs (a float64 request to the Triton kernel is a
+        # TypeError with or without the interpreter).
+        if not kernel_dtype and backend != "torch":
+            raise TypeError(f"{op}: backend {backend!r} supports {_names(spec.dtypes)}, got {dtype}")
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {backend!r} cannot run here: {reason}")
-        if not kernel_dtype and backend != "torch":
-            raise TypeError(f"{op}: backend {backend!r} supports {_names(spec.dtypes)}, got {dtype}")
         return backend
     if not kernel_dtype and "torch" in spec.backends:
         return "torch"

@@ -15,7 +15,22 @@ SEED = int(os.environ.get("FUSED_LM_TEST_SEED", "1234"))
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+# FUSED_LM_REQUIRE_CUDA_EXT=1 (set by `make gpu-check` on the GPU machine): a CUDA-backend test
+# that cannot run (no GPU, or fused_lm._C_cuda missing after the build) FAILS instead of skipping,
+# so a broken build cannot look green. tests/conftest.py turns the marker below into the failure.
+REQUIRE_CUDA_EXT = os.environ.get("FUSED_LM_REQUIRE_CUDA_EXT", "0") not in ("", "0")
+
+
+def _cuda_unavailable(reason: str):
+    """The mark for a CUDA test that cannot run here: skip, or fail under REQUIRE_CUDA_EXT."""
+    if REQUIRE_CUDA_EXT:
+        return pytest.mark.required_but_unavailable(reason=reason)
+    return pytest.mark.skip(reason=reason)
+
+
+requires_cuda = (pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA") if not REQUIRE_CUDA_EXT
+                 else pytest.mark.required_but_unavailable(reason="needs CUDA") if not HAS_CUDA
+                 else pytest.mark.usefixtures())
 
 # The one tolerance table: the largest norm-wise relative error ||actual - expected|| / ||expected||
 # accepted against a float64 reference, by the dtype the kernel computes in or stores to.
@@ -91,7 +106,12 @@ def backend_devices(backends=("triton", "cpu", "cuda", "torch")) -> list[pytest.
                 reason = "needs CUDA"
             else:
                 reason = _backend.unavailable_reason(backend, torch.device(device))
-            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            if not reason:
+                marks = []
+            elif device == "cuda":
+                marks = [_cuda_unavailable(reason)]
+            else:
+                marks = [pytest.mark.skip(reason=reason)]
             params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
     return params
 

@@ -1,5 +1,6 @@
 """Backend selection, the extensions' build state and `python -m fused_lm info`."""
 
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,38 @@ def test_info_command():
     assert out.returncode == 0, out.stderr
     for needle in ("torch", "triton", "_C ", "_C_cuda", "multi_tensor_scale"):
         assert needle in out.stdout
+
+
+def test_dtype_checked_before_availability(monkeypatch):
+    """A dtype the kernels do not take is a TypeError wherever the call runs: also where the
+    requested backend could not run at all (Triton on CPU tensors without the interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("FUSED_LM_BACKEND", raising=False)
+    with pytest.raises(TypeError, match="supports"):
+        _backend.select("adamw", "cpu", torch.float64, backend="triton")
+    with pytest.raises(RuntimeError, match="interpreter"):
+        _backend.select("adamw", "cpu", torch.float32, backend="triton")
+
+
+def test_selection_does_not_look_for_triton_each_call(monkeypatch):
+    """torch.compile(fullgraph=True) on torch 2.11 cannot trace importlib.util.find_spec, and
+    select() runs inside compiled regions: whether triton is installed is decided at import."""
+    import importlib.util
+
+    def untraceable(*args, **kwargs):
+        raise AssertionError("find_spec called during backend selection")
+
+    monkeypatch.setattr(importlib.util, "find_spec", untraceable)
+    for op in _backend.OPS:
+        _backend.table("cpu")
+        _backend.unavailable_reason("triton", torch.device("cpu"))
+        _backend.select(op, "cpu", torch.float32)
+
+
+def test_import_does_not_import_triton():
+    code = ("import sys, fused_lm, fused_lm._backend as b, fused_lm.nn; "
+            "b.table('cpu'); print('triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

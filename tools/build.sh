@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
 # Builds fused_lm._C (always) and fused_lm._C_cuda (when nvcc is found) in place, with ninja.
 # Skips the build when neither the sources nor the toolchain changed since the last one.
+#   FUSED_LM_BUILD_LOG=FILE     also append the full, unfiltered build output (and these messages)
+#   FUSED_LM_BUILD_CHECK_ONLY=1 build nothing: exit 0 when up to date, 3 when a build is needed
 set -euo pipefail
 PY="$1"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+log="${FUSED_LM_BUILD_LOG:-/dev/null}"
+say() { echo "$*"; echo "$*" >> "$log"; }
 stamp=.build-stamp
-key=$( { find csrc -type f | sort | xargs sha1sum; sha1sum setup.py;
+key=$( { find csrc -type f -not -path "csrc/emu/*" | sort | xargs sha1sum; sha1sum setup.py;
          "$PY" -c 'import torch, sys; print(torch.__version__, sys.version)';
          echo "${FUSED_LM_CUDA_ARCHS:-80;90} ${FUSED_LM_SKIP_CUDA_BUILD:-0} $(command -v nvcc || true)"; } | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && ls fused_lm/_C.*.so >/dev/null 2>&1; then
-  echo "== extensions up to date"
+  say "== extensions up to date"
   exit 0
 fi
-echo "== building extensions (MAX_JOBS=${MAX_JOBS:-auto}, archs ${FUSED_LM_CUDA_ARCHS:-80;90})"
+if [ -n "${FUSED_LM_BUILD_CHECK_ONLY:-}" ]; then
+  say "== the extensions are NOT up to date with csrc/, setup.py and this toolchain (make build)"
+  exit 3
+fi
+say "== building extensions (MAX_JOBS=${MAX_JOBS:-auto}, archs ${FUSED_LM_CUDA_ARCHS:-80;90})"
 start=$(date +%s)
-"$PY" setup.py -q build_ext --inplace 2>&1 | grep -vE '^(copying|running|creating)|ninja: no work' || { echo "build failed" >&2; exit 1; }
-"$PY" -c 'import fused_lm._ext as e; print("== built:", e.describe_extensions())'
+# The console gets the output without setuptools' chatter. Success is the build's own exit
+# status: the filter may drop every line (grep then exits 1), which says nothing about the build.
+set +e
+"$PY" setup.py -q build_ext --inplace 2>&1 | tee -a "$log" | { grep -vE '^(copying|running|creating)|ninja: no work' || true; }
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+  say "build failed (setup.py exited $status)" >&2
+  exit 1
+fi
+say "== built: $("$PY" -c 'import fused_lm._ext as e; print(e.describe_extensions())')"
 echo "$key" > "$stamp"
-echo "== build took $(( $(date +%s) - start )) s"
+say "== build took $(( $(date +%s) - start )) s"

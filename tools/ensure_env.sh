@@ -9,7 +9,7 @@ MODE="${2:-test}"   # "bench" also installs the peers (liger-kernel, lion-pytorc
 root=$(cd "$(dirname "$0")/.." && pwd)
 TORCH_PIN="${FUSED_LM_TORCH:-torch==2.13.0}"
 TRITON_PIN="${FUSED_LM_TRITON:-triton==3.9.0}"
-TOOLS=(numpy ninja setuptools wheel pytest pytest-benchmark pytest-xdist hypothesis matplotlib tqdm)
+TOOLS=(numpy ninja setuptools wheel pytest pytest-benchmark pytest-xdist hypothesis matplotlib tqdm transformers accelerate)
 
 missing() {  # prints the pip names among "$@" whose module does not import
   "$PY" - "$@" <<'PYEOF'
@@ -31,7 +31,9 @@ if [ "$PY" = "$root/.venv/bin/python" ]; then
   if [ -n "${need// /}" ]; then
     pins=()
     for n in $need; do
-      case $n in torch) pins+=("$TORCH_PIN");; triton) pins+=("$TRITON_PIN");; *) pins+=("$n");; esac
+      case $n in torch) pins+=("$TORCH_PIN");; triton) pins+=("$TRITON_PIN");;
+        transformers) pins+=("transformers==5.24.0");; accelerate) pins+=("accelerate==1.15.0");;
+        *) pins+=("$n");; esac
     done
     echo "== installing: ${pins[*]}"
     "$PY" -m pip install -q "${pins[@]}"

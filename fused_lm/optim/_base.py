@@ -2,19 +2,21 @@
 
 A step:
 
-1. gathers the parameters that have a gradient and validates them all (sparse or complex
-   gradients, mismatched dtypes) before anything is modified;
+1. gathers the parameters that have a gradient and validates them all (sparse gradients,
+   mismatched dtypes, meta tensors) before anything is modified;
 2. creates missing state (torch's layout: ``step`` as a float32 0-d tensor on the parameter's
-   device, the moments, and ``master_param`` under the precision menu);
+   device, the moments in ``_moment_dtype``, and ``master_param`` under the precision menu);
 3. groups the parameters into buckets by (backend, device, param dtype, state dtype, variant
    flags) — a bucket is ONE step-increment launch plus ONE update launch whatever the number of
-   tensors and param groups;
+   tensors and param groups. Complex tensors enter as their real views (``_kview``); parameters
+   the kernels cannot take (float64, non-contiguous) form PyTorch-path buckets of the same step;
 4. per device, uploads the per-group hyperparameter table ``hp`` (ops/_optim_common.py) and reads
    the GradScaler's ``grad_scale``/``found_inf`` as device scalars ``grad_mult``/``skip``, so
    unscaling and inf-skipping happen inside the kernels with no host synchronisation;
 5. launches each bucket on its backend (fused_lm/_backend.py: cuda | triton | cpu | torch) over a
    device tensor table cached between steps. The compiled ops take the tables only (no tensor
-   lists), so every list is validated (``mt.check_lists``) when its table is built.
+   lists), so every list is validated (``mt.check_lists``) when its table is built — for every
+   bucket before the first launch.
 
 A training loop repeats the same plan (buckets, state) every step: it is cached, and a step only
 re-reads the parameters' and gradients' addresses. For plain (non-DTensor) parameters one C++
@@ -27,13 +29,18 @@ two address columns are patched; when a size changed it is rebuilt and re-valida
 check fails the full path runs again (it raises, or re-routes e.g. non-contiguous gradients to
 the torch path).
 
+Around the step, the class keeps torch's contract: torch's constructor keywords and errors
+(``check_constructor``), its ``state_dict``/``load_state_dict`` with their hooks (round trips are
+exact), and copies (deepcopy, pickle) that keep every option beyond torch's (``_OPTIONS``).
 Subclasses define the defaults, the hyperparameter row of a group, the moments of the state and
 the kernels (``_KERNELS``).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
+from collections import defaultdict
 from itertools import chain
 from typing import Any
 
@@ -52,6 +59,15 @@ _SEED_KEY = "sr_seed"   # saved in every param group of state_dict(): resumed ru
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), else the tensor itself: kernels run on shards."""
     return getattr(t, "_local_tensor", t)
+
+
+def _kview(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels update for ``t``: its local shard, seen as real when complex. torch's
+    AdamW runs complex parameters, gradients and moments through ``view_as_real`` (real and
+    imaginary parts are independent coordinates), so the same elementwise update on the real
+    view is exactly torch's; it then shares buckets with real parameters of that dtype."""
+    t = getattr(t, "_local_tensor", t)
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -112,19 +128,27 @@ class _Bucket:
         and Triton kernels read the table."""
         kernel = self.backend != "torch"
         if self.plain:
+            first = self.params[0] if self.params else None
             addrs = _addresses(self.params, kernel)
             if addrs is not None and not kernel:
                 self.lists["grads"] = [p.grad for p in self.params]
-            return addrs
-        grads = []
-        for p in self.params:
-            g = p.grad
-            if g is None:
-                return None
-            grads.append(_local(g))
-        addrs = _addresses_py(self.lists["params"], grads, kernel)
-        if addrs is not None:
-            self.lists["grads"] = grads
+        else:
+            # Views (shards, real views of complex tensors) are taken again: ``p.data`` may have
+            # been replaced since the plan was built.
+            views, grads = [], []
+            for p in self.params:
+                g = p.grad
+                if g is None:
+                    return None
+                views.append(_kview(p))
+                grads.append(_kview(g))
+            first = views[0] if views else None
+            addrs = _addresses_py(views, grads, kernel)
+            if addrs is not None:
+                self.lists["params"], self.lists["grads"] = views, grads
+        if addrs is not None and first is not None and (first.dtype != self.param_dtype
+                                                        or first.device != self.device):
+            return None
         return addrs
 
 
@@ -137,6 +161,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     _OP: str = ""
     _MOMENTS: tuple[str, ...] = ()
     _KERNELS: dict = {}
+    _COMPLEX = True     # complex parameters run as their real views (torch's AdamW does too)
+    # Attributes beyond torch's that pickling and deepcopy keep (see __getstate__).
+    _OPTIONS = ("backend", "master_weights", "state_dtype", "stochastic_rounding", "_seed",
+                "max_grad_norm", "grad_norm_process_group", "grad_norm")
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None,
                  master_weights: bool = False, state_dtype: torch.dtype | None = None,
@@ -171,7 +199,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     # -- subclass hooks ------------------------------------------------------------------------
 
     def _hp_row(self, group: dict) -> tuple:
-        """(lr, beta1, beta2, eps, weight_decay, maximize) of a group; lr may be a 0-d tensor."""
+        """(lr, beta1, beta2, eps, weight_decay, maximize) of a group; lr and the betas may be
+        one-element tensors (of any shape, as torch allows)."""
         raise NotImplementedError
 
     def _uses_amsgrad(self, group: dict) -> bool:
@@ -181,82 +210,179 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def _validate_hparams(group: dict) -> None:
         raise NotImplementedError
 
-    # -- param groups, state_dict --------------------------------------------------------------
+    # -- param groups, precision -----------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
         try:
-            self._validate_hparams(group)
-            for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(f"{type(self).__name__} does not support complex parameters "
-                                    f"(got {p.dtype}); view them as real with torch.view_as_real")
-                if not p.is_floating_point():
-                    raise TypeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
-        except (TypeError, ValueError):
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         self._invalidate()
+
+    def _check_group(self, group: dict) -> None:
+        """Raises for hyperparameters, flags or parameters this optimizer cannot run."""
+        name = type(self).__name__
+        self._validate_hparams(group)
+        if group.get("differentiable", False):
+            raise RuntimeError(differentiable_message(name))
+        for p in group["params"]:
+            if p.is_complex():
+                if not self._COMPLEX:
+                    raise TypeError(f"{name} does not support complex parameters (got {p.dtype}); "
+                                    "view them as real with torch.view_as_real")
+                if self.state_dtype == torch.bfloat16:
+                    raise TypeError(f"{name}: state_dtype=torch.bfloat16 does not apply to complex "
+                                    f"parameters (got {p.dtype}); expected None or torch.float32")
+            elif not p.is_floating_point():
+                raise TypeError(f"{name} needs floating-point parameters, got {p.dtype}")
+
+    def _has_master(self, p: torch.Tensor) -> bool:
+        return self.master_weights and p.dtype in (torch.bfloat16, torch.float16)
+
+    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s moments: ``state_dtype`` when set; else float32 when ``p`` has a
+        float32 master copy (what Apex, DeepSpeed's bf16 optimizer and Transformer Engine keep
+        beside master weights: bf16 moments would round away the precision the master keeps);
+        else ``p``'s dtype (torch). Complex parameters keep complex moments."""
+        if p.is_complex():
+            return torch.complex64 if self.state_dtype == torch.float32 else p.dtype
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if self._has_master(p) else p.dtype
+
+    # -- pickling, deepcopy, state_dict ----------------------------------------------------------
+    # torch's __getstate__ keeps defaults, state and param_groups only: our options are added, so
+    # that a copy (deepcopy, pickle, multiprocessing) continues exactly like the original. The
+    # caches (plan, tables) are rebuilt by the copy's first step; hooks are not copied (torch).
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update((name, getattr(self, name)) for name in self._OPTIONS)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for name, value in (("backend", None), ("master_weights", False), ("state_dtype", None),
                             ("stochastic_rounding", False), ("_seed", 0), ("max_grad_norm", None),
-                            ("grad_norm_process_group", None), ("grad_norm", None), ("_clip", None)):
+                            ("grad_norm_process_group", None), ("grad_norm", None)):
             if not hasattr(self, name):
                 setattr(self, name, value)
         for attr in ("_tables", "_hp", "_consts"):
             setattr(self, attr, {})
-        self._plan, self._plan_id = None, 0
-        for group in self.param_groups:
+        self._plan, self._plan_id, self._clip = None, 0, None
+        for group in self.param_groups:   # checkpoints of older versions lack the newer flags
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 
+    def __deepcopy__(self, memo: dict) -> "_MultiTensorOptimizer":
+        pg = self.grad_norm_process_group
+        if pg is not None:   # a handle on a communicator (not picklable): the copy shares it
+            memo.setdefault(id(pg), pg)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        for group in sd["param_groups"]:
-            group[_SEED_KEY] = self._seed
+        """torch's ``Optimizer.state_dict`` (same layout, ids and hooks). With stochastic rounding,
+        every param group also carries the seed of the random bits as ``sr_seed``, so that a
+        resumed run draws the same bits; ``load_state_dict`` takes it out of the groups."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        # ids as torch numbers them: in order of first appearance across the groups, each group
+        # advancing the counter by its length.
+        ids: dict[int, int] = {}
+        start = 0
+        groups = []
+        for group in self.param_groups:
+            params = group["params"]
+            ids.update({id(p): i for i, p in enumerate(params, start) if id(p) not in ids})
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [ids[id(p)] for p in params]
+            if self.stochastic_rounding:
+                packed[_SEED_KEY] = self._seed
+            start += len(params)
+            groups.append(packed)
+        state = {(ids[id(k)] if isinstance(k, torch.Tensor) else k): v
+                 for k, v in self.state.items()}
+        sd = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, except that float32 state and master weights are never downcast to the
-        parameter dtype (moments take ``state_dtype`` when set, else the promoted dtype of the
-        saved value and the parameter), ``step`` lives on the parameter's device, and every
-        loaded tensor is a copy (continuing never mutates the checkpoint)."""
-        state_dict = dict(state_dict)
-        saved_state = state_dict["state"]
-        saved_groups = state_dict["param_groups"]
-        state_dict["state"] = {}
-        super().load_state_dict(state_dict)
+        """torch's ``Optimizer.load_state_dict``: pre-hooks see (a shallow copy of) the incoming
+        state dict and may edit it or return another; post-hooks run once the state is restored;
+        the same checks and messages; ``param_names`` kept. Differences: every loaded tensor is a
+        copy (continuing never mutates the checkpoint); ``step`` is a float32 0-d tensor on the
+        parameter's device; moments take ``state_dtype`` when set, else the promoted dtype of the
+        saved value and the moment dtype this optimizer would create (so float32 moments and
+        master weights are never downcast); a malformed checkpoint (a moment of the wrong shape,
+        invalid hyperparameters) raises before anything is changed."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group "
+                             "that doesn't match the size of optimizer's group")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
         seed = next((g[_SEED_KEY] for g in saved_groups if _SEED_KEY in g), None)
+        for group, saved in zip(groups, saved_groups):
+            saved.pop(_SEED_KEY, None)
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            for k, v in self.defaults.items():
+                saved.setdefault(k, v)
+            self._check_group(saved)
+        state: defaultdict = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            param = id_map.get(key)
+            if param is None:
+                state[key] = value
+            elif isinstance(value, dict):
+                state[param] = {k: self._load_value(param, k, v, key) for k, v in value.items()}
+            else:
+                state[param] = self._load_value(param, None, value, key)
         if seed is not None:
             self._seed = int(seed) & 0xFFFFFFFF
-        for group in self.param_groups:
-            group.pop(_SEED_KEY, None)
-            for k, v in self.defaults.items():
-                group.setdefault(k, v)
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        for key, value in saved_state.items():
-            if key in id_map:
-                param = id_map[key]
-                self.state[param] = {k: self._load_value(param, k, v) for k, v in value.items()}
-            else:
-                self.state[key] = value
-        self._invalidate()
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
-    def _load_value(self, param: torch.Tensor, key: str, value):
+    def _load_value(self, param: torch.Tensor, key, value, pid):
+        where = f"{type(self).__name__}.load_state_dict: state[{pid!r}][{key!r}]"
         if key == "step":
-            if not isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"{where} has {value.numel()} elements, expected one")
+            else:
                 value = torch.tensor(float(value))
             return value.to(device=param.device, dtype=torch.float32, copy=True).reshape(())
         if not isinstance(value, torch.Tensor):
             return value
+        if key in self._MOMENTS or key in ("max_exp_avg_sq", "master_param"):
+            if value.shape != param.shape or value.is_complex() != param.is_complex():
+                raise ValueError(f"{where} is a {tuple(value.shape)} {value.dtype} tensor, "
+                                 f"expected the parameter's shape {tuple(param.shape)} and a "
+                                 f"{'complex' if param.is_complex() else 'real'} dtype")
         if key == "master_param":
             return value.to(device=param.device, dtype=torch.float32, copy=True)
-        if value.is_floating_point():
-            dtype = self.state_dtype or torch.promote_types(value.dtype, param.dtype)
+        if value.is_floating_point() or value.is_complex():
+            dtype = self._moment_dtype(param)
+            if self.state_dtype is None:
+                dtype = torch.promote_types(value.dtype, dtype)
             return value.to(device=param.device, dtype=dtype, copy=True)
         return value.to(device=param.device, copy=True)
 
@@ -325,16 +451,20 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _hp_table(self, device: torch.device) -> torch.Tensor:
         """(n_groups, HP_COLS) float32 on ``device``: cached while the float hyperparameters stay
-        the same; 0-d tensor learning rates on a device are copied in on the device."""
-        rows, tensor_lrs = [], []
+        the same. Tensor lr and betas (one element, any shape) on the host are read as floats (no
+        device synchronisation); on a device they are copied into the table on the device."""
+        rows, on_device = [], []
         for gi, group in enumerate(self.param_groups):
-            lr, b1, b2, eps, wd, maximize = self._hp_row(group)
-            if isinstance(lr, torch.Tensor):
-                if lr.device.type == "cpu":
-                    lr = float(lr)           # a host value: no device synchronisation
-                else:
-                    tensor_lrs.append((gi, lr))
-                    lr = 0.0
+            row = list(self._hp_row(group))
+            for col in range(3):                     # lr, beta1, beta2
+                v = row[col]
+                if isinstance(v, torch.Tensor):
+                    if v.device.type == "cpu":
+                        row[col] = float(v)
+                    else:
+                        on_device.append((gi, col, v))
+                        row[col] = 0.0
+            lr, b1, b2, eps, wd, maximize = row
             rows.append((float(lr), float(b1), float(b2), float(eps), float(wd),
                          -1.0 if maximize else 1.0, 0.0, 0.0))
         key = tuple(rows)
@@ -350,11 +480,17 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             cached = (key, base)
             self._hp[device] = cached
         hp = cached[1]
-        if tensor_lrs:
+        if on_device:
             hp = hp.clone()
-            for gi, lr in tensor_lrs:
-                hp[gi, 0].copy_(lr.reshape(()), non_blocking=True)
+            for gi, col, v in on_device:
+                hp[gi, col].copy_(v.reshape(()), non_blocking=True)
         return hp
+
+    def _torch_row(self, group: dict) -> tuple:
+        """The hyperparameters of a group for the PyTorch path: tensors as 0-d views, so that
+        they broadcast like Python numbers whatever their one-element shape."""
+        return tuple(v.reshape(()) if isinstance(v, torch.Tensor) else v
+                     for v in self._hp_row(group))
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -368,10 +504,14 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
+                if p.device.type == "meta" or g.device.type == "meta":
+                    raise RuntimeError(f"{name}: a parameter or gradient on the meta device has "
+                                       "no data; materialise the module (module.to_empty("
+                                       "device=...) and initialise it) before step()")
                 if g.is_sparse or g.layout != torch.strided:
                     raise RuntimeError(f"{name} does not support sparse gradients (layout {g.layout}); "
                                        "expected dense gradients")
-                if g.is_complex() or p.is_complex():
+                if (g.is_complex() or p.is_complex()) and not self._COMPLEX:
                     raise TypeError(f"{name} does not support complex gradients or parameters "
                                     f"(got {g.dtype}); expected a real floating dtype")
                 if g.dtype != p.dtype:
@@ -387,15 +527,14 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        sd = self.state_dtype or p.dtype
+        sd = self._moment_dtype(p)
         for k in self._MOMENTS:
             if k not in state:
                 state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         if self._uses_amsgrad(group) and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state[self._MOMENTS[-1]],
                                                        memory_format=torch.preserve_format)
-        if self.master_weights and p.dtype in (torch.bfloat16, torch.float16) \
-                and "master_param" not in state:
+        if self._has_master(p) and "master_param" not in state:
             master = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["master_param"] = master.copy_(p.detach())
         return state
@@ -403,31 +542,32 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def _buckets(self, items) -> list[_Bucket]:
         selected: dict[tuple, str] = {}
         for _, p, _g, _ in items:   # validate backends for every (device, dtype) before any change
-            key = (p.device, p.dtype)
+            dtype = p.dtype.to_real()
+            key = (p.device, dtype)
             if key not in selected:
-                selected[key] = _backend.select(self._OP, p.device, p.dtype, self.backend)
+                selected[key] = _backend.select(self._OP, p.device, dtype, self.backend)
         buckets: dict[tuple, _Bucket] = {}
         for gi, p, g, pos in items:
             group = self.param_groups[gi]
             state = self._ensure_state(p, group)
             amsgrad = self._uses_amsgrad(group)
-            lp, lg = _local(p), _local(g)
-            moments = [_local(state[k]) for k in self._MOMENTS]
-            vmax = _local(state["max_exp_avg_sq"]) if amsgrad else None
+            lp, lg = _kview(p), _kview(g)
+            moments = [_kview(state[k]) for k in self._MOMENTS]
+            vmax = _kview(state["max_exp_avg_sq"]) if amsgrad else None
             master = _local(state["master_param"]) if "master_param" in state else None
-            sdt = moments[0].dtype
-            backend = selected[(p.device, p.dtype)]
+            pdt, sdt = lp.dtype, moments[0].dtype
+            backend = selected[(p.device, pdt)]
             if backend != "torch":
                 dense = (lp.is_contiguous() and lg.is_contiguous()
                          and all(m.is_contiguous() and m.dtype == sdt for m in moments)
                          and (vmax is None or (vmax.is_contiguous() and vmax.dtype == sdt))
                          and (master is None or master.is_contiguous()))
-                if not dense or (p.dtype, sdt) not in _KERNEL_PAIRS:
+                if not dense or (pdt, sdt) not in _KERNEL_PAIRS:
                     backend = "torch"   # same math in PyTorch, for non-contiguous layouts
-            bkey = (backend, lp.device, p.dtype, sdt, amsgrad, master is not None)
+            bkey = (backend, lp.device, pdt, sdt, amsgrad, master is not None)
             b = buckets.get(bkey)
             if b is None:
-                b = buckets[bkey] = _Bucket(backend, lp.device, p.dtype, sdt, amsgrad,
+                b = buckets[bkey] = _Bucket(backend, lp.device, pdt, sdt, amsgrad,
                                             master is not None)
             L = b.lists
             L["params"].append(lp)
@@ -449,7 +589,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def _lists(self, b: _Bucket) -> list[list[torch.Tensor]]:
         L = b.lists
         if not L["grads"]:
-            L["grads"] = [_local(p.grad) for p in b.params]
+            L["grads"] = [_kview(p.grad) for p in b.params]
         lists = [L["params"], L["grads"], L["exp_avgs"]]
         if L["exp_avg_sqs"]:
             lists.append(L["exp_avg_sqs"])
@@ -520,28 +660,40 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         else:
             self._prepare_clip([p.grad for b in buckets for p in b.params] if items is None
                                else [item[2] for item in items])
+        # Per step and device: the gradient multiplier and skip flag, the hyperparameter table of
+        # the kernels; per param group: the PyTorch path's hyperparameter row. Everything that
+        # can raise (tables validated, hyperparameters read) runs before the first launch.
         scalars: dict[torch.device, tuple] = {}
-        hps: dict[torch.device, torch.Tensor] = {}
-        k = self._KERNELS
-        sr = self.stochastic_rounding
+        hp_tables: dict[torch.device, torch.Tensor] = {}
+        torch_rows: dict[int, tuple] = {}
+        launches = []
         for b, b_addrs in zip(buckets, addrs):
             if b.device not in scalars:
                 scalars[b.device] = self._grad_multiplier_and_skip(b.device)
+            if b.backend == "torch":
+                for gi in b.groups:
+                    if gi not in torch_rows:
+                        torch_rows[gi] = self._torch_row(self.param_groups[gi])
+                launches.append((b, [torch_rows[gi] for gi in b.groups]))
+            else:
+                if b.device not in hp_tables:
+                    hp_tables[b.device] = self._hp_table(b.device)
+                launches.append((b, self._table(b, b_addrs)))
+        k = self._KERNELS
+        sr = self.stochastic_rounding
+        for b, arg in launches:
             mult, skip = scalars[b.device]
             if b.backend == "torch":
-                hps = [self._hp_row(self.param_groups[gi]) for gi in b.groups]
-                k["torch"](b.lists, hps, mult, skip, amsgrad=b.amsgrad, sr=sr, seed=self._seed,
+                k["torch"](b.lists, arg, mult, skip, amsgrad=b.amsgrad, sr=sr, seed=self._seed,
                            indices=list(range(len(b.groups))))
                 continue
-            if b.device not in hps:
-                hps[b.device] = self._hp_table(b.device)
-            table, step_table = self._table(b, b_addrs)
+            table, step_table = arg
             kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, amsgrad=b.amsgrad,
                       master=b.master, sr=sr, seed=self._seed)
             if b.backend == "triton":
-                k["triton"](table, step_table, hps[b.device], mult, skip, **kw)
+                k["triton"](table, step_table, hp_tables[b.device], mult, skip, **kw)
             else:
-                k["compiled"](b.backend, table, step_table, hps[b.device], mult, skip, **kw)
+                k["compiled"](b.backend, table, step_table, hp_tables[b.device], mult, skip, **kw)
         for b in buckets:      # hold no gradient between steps (their memory must be reusable)
             b.lists["grads"] = []
         return loss
@@ -579,8 +731,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         addrs = []
         for b in buckets:
             a = b.collect()
-            if a is None or (b.params and (b.params[0].dtype != b.param_dtype
-                                           or _local(b.params[0]).device != b.device)):
+            if a is None:
                 for b2 in buckets:
                     b2.lists["grads"] = []
                 return None, None       # let the full path raise or re-route
@@ -589,23 +740,58 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
 
 def check_lr_betas(lr, betas, weight_decay, eps=None) -> None:
-    """torch's validation and messages (torch/optim/adam.py)."""
+    """The hyperparameters of a group: torch's checks, order and messages (torch/optim/adam.py).
+    lr and the betas may be one-element tensors (both betas, or neither, as torch requires)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr.is_complex() or not lr.is_floating_point():
             raise ValueError(f"Tensor lr must be a real floating tensor, got {lr.dtype}")
-    elif not 0.0 <= lr:
+    if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if eps is not None and not 0.0 <= eps:
+    if eps is not None and (isinstance(eps, torch.Tensor) or not 0.0 <= eps):
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-    if any(isinstance(b, torch.Tensor) for b in betas):
-        raise ValueError("betas must be floats (tensor betas are not supported)")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    for i, b in enumerate(betas):
+        if tensors[i] and (b.numel() != 1 or b.is_complex() or not b.is_floating_point()):
+            raise ValueError(f"Tensor betas[{i}] must be 1-element, of a real floating dtype")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
     if isinstance(weight_decay, torch.Tensor) or not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if tensors[0] != tensors[1]:
+        raise ValueError("betas must be either both floats or both Tensors")
+
+
+def to_scalars(betas) -> tuple:
+    """The betas as torch stores them: one-element tensors squeezed to 0-d, numbers as given."""
+    return tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b for b in betas)
+
+
+def differentiable_message(name: str) -> str:
+    return (f"`fused` does not support `differentiable`: {name} always runs fused kernels, which "
+            "autograd does not differentiate through, so differentiable=True is not supported "
+            "(torch.optim's for-loop optimizers support it)")
+
+
+def check_constructor(name: str, lr, betas, weight_decay, eps=None, *, foreach, capturable,
+                      differentiable, fused) -> None:
+    """A constructor's arguments, in torch's order with torch's errors. Any value of torch's
+    ``foreach``, ``fused`` and ``capturable`` is accepted (our step is always multi-tensor, fused
+    and capturable), but the combinations torch's constructors reject raise torch's errors, so
+    that code which constructs ours also constructs torch's. ``differentiable=True`` cannot run
+    here: a clear error."""
+    if isinstance(lr, torch.Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    check_lr_betas(lr, betas, weight_decay, eps)
+    if foreach and not capturable:
+        for i, b in enumerate(betas):
+            if isinstance(b, torch.Tensor):
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False "
+                                 "and foreach=True")
+    if differentiable:
+        raise RuntimeError(differentiable_message(name))
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

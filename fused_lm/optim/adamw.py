@@ -10,19 +10,30 @@ from __future__ import annotations
 import torch
 
 from fused_lm.ops import adamw as _ops
-from fused_lm.optim._base import _MultiTensorOptimizer, check_lr_betas
+from fused_lm.optim._base import (_MultiTensorOptimizer, check_constructor, check_lr_betas,
+                                   to_scalars)
 
 
 class AdamW(_MultiTensorOptimizer):
-    """Drop-in ``torch.optim.AdamW``.
+    """Drop-in ``torch.optim.AdamW``: the same arguments, defaults, param-group keys and
+    checkpoints.
+
+    torch's keywords: ``foreach`` and ``fused`` (any value, kept in the param groups as torch
+    keeps them: the step is always fused and multi-tensor), ``capturable`` (any value: the step
+    never synchronises with the host and can always be captured in a CUDA graph),
+    ``differentiable`` (False; True raises). The combinations torch rejects raise torch's
+    errors (``fused`` with ``foreach``; a tensor ``lr`` or tensor betas with ``foreach=True`` and
+    ``capturable=False``).
 
     Args beyond torch's:
         backend: "cuda" | "triton" | "cpu" | "torch" | None (None: fused_lm._backend chooses per
             device and dtype; float64 and non-contiguous parameters use the torch path).
         master_weights: keep a float32 copy of bf16/fp16 parameters in ``state['master_param']``;
-            the update applies to it and the parameter becomes its rounding.
-        state_dtype: None (the parameter dtype, as torch), torch.float32 or torch.bfloat16 for
-            ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``. Math is float32 in every case.
+            the update applies to it and the parameter becomes its rounding. The moments are
+            then float32 too unless ``state_dtype`` says otherwise.
+        state_dtype: the dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None (the
+            parameter dtype, as torch; float32 with master weights), torch.float32 or
+            torch.bfloat16. Math is float32 in every case.
         stochastic_rounding: round bf16 parameter updates stochastically with counter-based
             random bits of (seed, step, tensor, element); the seed is saved in ``state_dict()``
             so a resumed run is bit-identical. Other dtypes round to nearest.
@@ -42,6 +53,7 @@ class AdamW(_MultiTensorOptimizer):
     ``step()`` never synchronises with the host, honours ``torch.amp.GradScaler`` (unscales in
     the kernel and skips everything, step counts included, on ``found_inf``) and can be captured
     in a CUDA graph after one eager step (use a 0-d CUDA tensor ``lr`` to vary it per replay).
+    Complex parameters are updated as their real views, like torch's.
     """
 
     _OP = "adamw"
@@ -51,15 +63,26 @@ class AdamW(_MultiTensorOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, backend: str | None = None, master_weights: bool = False,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 backend: str | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
                  max_grad_norm: float | None = None, grad_norm_process_group=None):
-        check_lr_betas(lr, betas, weight_decay, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=bool(amsgrad), maximize=bool(maximize))
+        check_constructor(type(self).__name__, lr, betas, weight_decay, eps, foreach=foreach,
+                          capturable=capturable, differentiable=differentiable, fused=fused)
+        # torch.optim.AdamW's keys, in its order (AdamW is torch's Adam with decoupled decay).
+        defaults = dict(lr=lr, betas=to_scalars(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=True)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
                          max_grad_norm=max_grad_norm, grad_norm_process_group=grad_norm_process_group)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:   # as torch's AdamW: a loaded Adam group becomes AdamW
+            group["decoupled_weight_decay"] = True
 
     @staticmethod
     def _validate_hparams(group: dict) -> None:

@@ -380,8 +380,8 @@ def test_bad_group_hyperparameters_rejected():
 
 
 def test_bad_params_and_grads_raise_before_any_change():
-    with pytest.raises(TypeError, match="complex"):
-        fo.AdamW([torch.randn(3, dtype=torch.complex64, requires_grad=True)])
+    with pytest.raises(TypeError, match="complex"):     # AdamW takes them (test_conformance)
+        fo.Lion([torch.randn(3, dtype=torch.complex64, requires_grad=True)])
     with pytest.raises(TypeError, match="floating-point"):
         fo.AdamW([torch.ones(3, dtype=torch.int64)])
     good, bad = make_params([(4,), (5,)])
