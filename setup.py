@@ -108,7 +108,10 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension
 
     include = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DFUSED_LM_CPU"]
+    # -ffp-contract=off: no implicit multiply-add fusion (GCC fuses by default in C++, nvcc too,
+    # differently): the functors write fma_rn where they mean one, so the CPU and CUDA builds
+    # compute the same bits (csrc/include/fused_lm/optim_functors.h; cost measured in README).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-DFUSED_LM_CPU"]
     if os.environ.get("FUSED_LM_CPU_NATIVE", "1") == "1":
         cxx_flags.append("-march=native")  # built from source on the machine that runs it
     exts = [
@@ -130,7 +133,7 @@ def extensions():
         sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
         sources += glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
         cudart_dir = _cudart_static_dir(cuda_home)
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false",
                       "-Xptxas=-v" if os.environ.get("FUSED_LM_PTXAS_VERBOSE") else "-Xptxas=-O3"]
         exts.append(
             CppExtension(

@@ -6,12 +6,12 @@ ops ``torch.ops.fused_lm.*`` that the optimizers and multi-tensor functions call
 to the emulated launchers (EMULATED_OPS), and every output is compared with the same call on the
 CPU backend fused_lm._C, which runs the same functors:
 
-* bit for bit when neither build may contract a*b+c into an FMA (``-ffp-contract=off`` in the
-  CPU extension's flags, or a target without FMA). With GCC's default for C++
-  (``-ffp-contract=fast``) and -march=native, the same functor compiled into the CPU loop and into
-  the kernel is contracted differently (AdamW with amsgrad differs by 1 ulp in about half of its
-  elements), so the comparison then allows a few float32 ulps: ``CONTRACTED_TOL``. (With
-  -ffp-contract=off added to setup.py's CPU flags, this module passes bit for bit.)
+* bit for bit: neither build may contract a*b+c into an FMA (setup.py's ``-ffp-contract=off``,
+  which the emulated kernels take from the CPU extension's flags; checked by
+  test_builds_do_not_contract), and the functors write every FMA they mean (``fma_rn``). Under
+  GCC's default for C++ (``-ffp-contract=fast``) with -march=native, the same functor compiled
+  into the CPU loop and into the kernel was contracted differently (AdamW with amsgrad: 1 float32
+  ulp in about half of its elements);
 * norm sums: the kernels add in another order than the CPU loop; both are compared with the
   float64 reference within the float32 tolerance; max/min norms are exact.
 
@@ -51,7 +51,7 @@ from fused_lm.ops.multi_tensor_norm import multi_tensor_norm_coef_flag
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 from fused_lm.optim import AdamW, Lion
 from fused_lm.reference.clip import total_norm
-from tests._helpers import SEED, assert_close, tol
+from tests._helpers import SEED, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fused_lm_emulator", ROOT / "csrc/emu/emulator.py")
@@ -70,12 +70,6 @@ pytestmark = [
 VARIANT = os.environ.get("FUSED_LM_EMU_VARIANT", "default")
 SHUFFLE = int(os.environ.get("FUSED_LM_EMU_SHUFFLE", "0"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Without -ffp-contract=off the CPU loop and the kernel round some multiply-adds differently (one
-# fused, the other not): float32 results a few ulps apart, which a bf16/fp16 store turns into one
-# storage ulp for some elements (measured: up to ~1% of them over 4 steps; bound: 5%, i.e.
-# 2 * 2^-8 * sqrt(0.05) for bf16, 2 * 2^-11 * sqrt(0.05) for fp16, norm-wise). An element skipped
-# or updated twice is far outside these.
-CONTRACTED_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 3e-4}
 
 
 # ---- the emulated launchers ------------------------------------------------------------------
@@ -143,21 +137,6 @@ def emu():
     return lib
 
 
-@pytest.fixture(scope="module")
-def exact():
-    """True when the CPU extension and the emulated kernels cannot contract into FMAs."""
-    flags = emulator.cpu_fp_flags()
-    if any(re.match(r"-f(fast-math|unsafe-math|associative-math|reciprocal-math)", f)
-           for f in flags):
-        return False
-    contract = [f for f in flags if f.startswith("-ffp-contract=")]
-    if contract and contract[-1] == "-ffp-contract=off":
-        return True
-    macros = subprocess.run([emulator.CXX, *flags, "-dM", "-E", "-x", "c++", "-"], input="",
-                            capture_output=True, text=True, check=True).stdout
-    return "__FMA__" not in macros
-
-
 @contextlib.contextmanager
 def cuda_kernels(emu):
     """Within the block, the fused_lm ops run the emulated CUDA launchers of ``emu``."""
@@ -191,24 +170,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def check(cpu, cuda, exact: bool, what: str = "") -> None:
-    """Bit-identical outputs, or within CONTRACTED_TOL when the builds may contract FMAs."""
+def check(cpu, cuda, what: str = "") -> None:
+    """Bit-identical outputs (no contraction in either build: test_builds_do_not_contract)."""
     assert len(cpu) == len(cuda)
-    if exact:   # fast path: one comparison per dtype
-        for dtype in {a.dtype for a in cpu}:
-            a = torch.cat([bits(x) for x in cpu if x.dtype == dtype])
-            b = torch.cat([bits(x) for x, y in zip(cuda, cpu) if y.dtype == dtype])
-            if not torch.equal(a, b):
-                break
-        else:
-            return
+    for dtype in {a.dtype for a in cpu}:   # fast path: one comparison per dtype
+        a = torch.cat([bits(x) for x in cpu if x.dtype == dtype])
+        b = torch.cat([bits(x) for x, y in zip(cuda, cpu) if y.dtype == dtype])
+        if not torch.equal(a, b):
+            break
+    else:
+        return
     for i, (a, b) in enumerate(zip(cpu, cuda)):
-        name = f"{what} output {i} {tuple(a.shape)} {a.dtype}"
-        if exact:
-            diff = int((bits(a) != bits(b)).sum()) if a.numel() else 0
-            assert diff == 0, f"{name}: {diff} of {a.numel()} elements differ"
-        else:
-            assert_close(b, a, a.dtype, CONTRACTED_TOL[a.dtype] / tol(a.dtype), what=name)
+        diff = int((bits(a) != bits(b)).sum()) if a.numel() else 0
+        assert diff == 0, (f"{what} output {i} {tuple(a.shape)} {a.dtype}: {diff} of {a.numel()} "
+                           f"elements differ")
 
 
 def subset_under_asan(params, keep):
@@ -303,20 +278,20 @@ ASAN_OPTIM = {"AdamW-float32-state_float32-amsgrad", "AdamW-bfloat16-state_float
 
 @pytest.mark.parametrize("cls,p_dtype,s_dtype,amsgrad,master",
                          subset_under_asan(list(_optim_cases()), lambda p: p.id in ASAN_OPTIM))
-def test_optimizer(emu, exact, cls, p_dtype, s_dtype, amsgrad, master):
+def test_optimizer(emu, cls, p_dtype, s_dtype, amsgrad, master):
     (cpu, cpu_norms), (cuda, cuda_norms) = twin(
         emu, lambda: run_optimizer(cls, p_dtype, s_dtype, amsgrad, master))
-    check(cpu, cuda, exact, cls.__name__)
+    check(cpu, cuda, cls.__name__)
     for a, b in zip(cpu_norms, cuda_norms):   # summation order differs: float32 tolerance
         assert_close(b, a, torch.float32)
 
 
-def test_step_counters_over_several_blocks(emu, exact):
+def test_step_counters_over_several_blocks(emu):
     """257 tensors: the step increment runs 2 blocks of 256 threads, the second with one."""
     shapes = [(1,)] * 257
     cpu, cuda = twin(emu, lambda: run_optimizer(AdamW, torch.float32, torch.float32, False,
                                                 False, shapes, steps=2)[0])
-    check(cpu, cuda, exact)
+    check(cpu, cuda)
     assert float(cuda[-1]) == 2.0  # the last tensor's step counter (state sorted: step last)
 
 
@@ -346,7 +321,7 @@ def test_scale_and_clamp(emu, dtype, schedule):
         multi_tensor_scale_(ts, torch.tensor(0.37), backend="cpu")
         multi_tensor_clamp_(ts, -0.5, 0.8, backend="cpu")
         return ts
-    check(*twin(emu, run), True)   # one multiply, comparisons: nothing to contract
+    check(*twin(emu, run))
 
 
 NORMS = subset_under_asan([1.0, 2.0, 3.5, -1.5, math.inf, -math.inf],
@@ -366,7 +341,7 @@ def test_norm(emu, norm_type, dtypes, schedule):
     for finite in (True, False):
         (ts, cpu), (_, cuda) = twin(emu, lambda: run(finite))
         if norm_type in (math.inf, -math.inf) or not finite:   # order-free (NaN propagates)
-            check(cpu, cuda, True)
+            check(cpu, cuda)
         else:
             expected = total_norm(ts, norm_type)
             assert_close(cuda[0], expected, torch.float32)
@@ -388,7 +363,7 @@ def test_norm_finalize_many_partials(emu, kind, schedule):
     expected = partials.double().sum().sqrt() if kind == 1 else partials.max()
     assert_close(cuda[0], expected, torch.float32)
     if kind == 3:
-        check([cpu], [cuda], True)
+        check([cpu], [cuda])
 
 
 # ---- tables built by hand: chunk starts off the vector width, 64-bit offsets, no chunk -------
@@ -413,7 +388,7 @@ def table_ops(tables, dtype, step_table):
 
 @pytest.mark.parametrize("chunk_size", [1001, 66, 4099])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_chunk_starts_off_the_vector_width(emu, exact, dtype, chunk_size, schedule):
+def test_chunk_starts_off_the_vector_width(emu, dtype, chunk_size, schedule):
     """Chunk sizes that are no multiple of the 4-element vector: aligned tensors whose chunks
     start misaligned must take the scalar path for those chunks."""
     def run():
@@ -423,7 +398,7 @@ def test_chunk_starts_off_the_vector_width(emu, exact, dtype, chunk_size, schedu
         tables = [mt.build_table(lists[:k], chunk_size=chunk_size) for k in (1, 4, 3)]
         partials = table_ops(tables, dtype, step_table)
         return [t for lst in lists for t in lst] + steps + [partials]
-    check(*twin(emu, run), exact)
+    check(*twin(emu, run))
 
 
 SHIFT = 3 << 31   # elements claimed before the real ones: > 2**32, so int32 and uint32 both wrap
@@ -458,7 +433,7 @@ def shifted(table: mt.TensorTable, shift: int, dtype) -> mt.TensorTable:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_64bit_element_offsets(emu, exact, dtype, device_memory):
+def test_64bit_element_offsets(emu, dtype, device_memory):
     """Tensors whose table entries claim 3 * 2**31 + n elements (without allocating them)."""
     def run():
         lists = [[device_memory(n, dtype) for n in (2 * mt.CHUNK + 77, 5)] for _ in range(4)]
@@ -467,7 +442,7 @@ def test_64bit_element_offsets(emu, exact, dtype, device_memory):
         tables = [shifted(mt.build_table(lists[:k]), SHIFT, dtype) for k in (1, 4, 3)]
         partials = table_ops(tables, dtype, step_table)
         return [t.clone() for lst in lists for t in lst] + steps + [partials]
-    check(*twin(emu, run), exact)
+    check(*twin(emu, run))
 
 
 def test_no_chunks(emu):
@@ -688,6 +663,23 @@ def test_not_in_the_wheel():
     assert sources and not [src for src in sources if "emu" in Path(src).parts]
 
 
+def test_builds_do_not_contract():
+    """The premise of the bit-for-bit checks: the CPU extension's flags, which the emulated
+    kernels get too, forbid implicit FMA contraction and value-changing math options (setup.py;
+    nvcc's --fmad=false is the CUDA build's counterpart)."""
+    flags = emulator.cpu_fp_flags()
+    assert [f for f in flags if f.startswith("-ffp-contract=")][-1:] == ["-ffp-contract=off"], flags
+    assert not [f for f in flags
+                if re.match(r"-f(fast-math|unsafe-math|associative-math|reciprocal-math)", f)]
+    try:
+        exts = emulator.extensions(cuda=True)   # the CUDA one where nvcc (and cudart) is
+    except SystemExit:
+        exts = []
+    for ext in exts:
+        if ext.name == "fused_lm._C_cuda":
+            assert "--fmad=false" in ext.extra_compile_args["nvcc"]
+
+
 @pytest.mark.skipif(VARIANT != "default", reason="runs from the default variant only")
 def test_sanitizers_and_shuffled_order(emu):
     """This module again (but the fault and mutation tests), on a library built with
@@ -758,7 +750,7 @@ def _mutant_case(emu, what: str):
     if what == "norm":
         assert_close(cuda[0], cpu[0], torch.float32)
     else:
-        check(cpu, cuda, True)
+        check(cpu, cuda)
 
 
 @pytest.mark.parametrize("path,old,new,unit,expect", [m[1:] for m in MUTATIONS],

@@ -13,6 +13,11 @@ variant: ok or the compiler error, with registers, spills and shared memory when
     .venv/bin/python tools/triton_aot_check.py --quick    # the bounded set of tests/test_triton_aot.py
     .venv/bin/python tools/triton_aot_check.py --only attention --arch 90 -v
 
+The PTX of the multi-tensor kernels is read too (``PTX_RULES``): a variant fails when it uses
+Triton's approximate float32 division or square root (the GPU lowering of '/' and ``tl.sqrt``)
+where torch is IEEE-rounded, a NaN-dropping max where torch.maximum propagates NaN, or, in its
+ALIGNED variant, has no 128-bit global load/store (``--ptx-dir DIR`` writes every PTX file).
+
 Exit status: 0 when every variant compiles (or the check is skipped: no triton, no AOT API), 1
 when a variant fails. Spills are reported, not failures. Shared memory over the target's
 per-block limit fails a variant, except a non-last entry of a launcher's fall-back list (the
@@ -59,6 +64,7 @@ class Variant:
     num_warps: int = 4
     num_stages: int = 3
     fallback_ok: bool = False                # a launcher falls back to another config if it is too big
+    options: dict = field(default_factory=dict)  # further compile options the launcher passes
 
 
 @dataclass
@@ -92,8 +98,23 @@ def _chunk() -> int:
     return mt.CHUNK
 
 
+def _mt_options() -> dict:
+    """The compile options of every multi-tensor launch (no FP contraction)."""
+    from fused_lm.ops import _multi_tensor as mt
+
+    return dict(mt.LAUNCH_OPTIONS)
+
+
+def _alignments(quick: bool, first: bool) -> tuple:
+    """ALIGNED values to build: both in the full set; in the quick set the aligned variant (the
+    one the PTX rules read) and, for the first case of a kernel, the unaligned one too."""
+    return (True, False) if not quick or first else (True,)
+
+
 def _v_scale(m, quick):
-    return [Variant(dt, dict(DTYPE=_tl(dt), CHUNK=_chunk(), BLOCK=m._BLOCK)) for dt in DT]
+    return [Variant(dt + " aligned" * al, dict(DTYPE=_tl(dt), ALIGNED=al, CHUNK=_chunk(),
+                                                BLOCK=m._BLOCK), options=_mt_options())
+            for i, dt in enumerate(DT) for al in _alignments(quick, i == 0)]
 
 
 def _v_norm_partials(m, quick):
@@ -104,13 +125,15 @@ def _v_norm_partials(m, quick):
         for kind, name in kinds.items():
             if quick and dt != "fp32" and kind != m.SUM_SQ:
                 continue
-            out.append(Variant(f"{dt} {name}", dict(DTYPE=_tl(dt), KIND=kind, CHUNK=_chunk(),
-                                                    BLOCK=m._BLOCK)))
+            for al in _alignments(quick, not out):
+                out.append(Variant(f"{dt} {name}" + " aligned" * al,
+                                   dict(DTYPE=_tl(dt), KIND=kind, ALIGNED=al, CHUNK=_chunk(),
+                                        BLOCK=m._BLOCK), options=_mt_options()))
     return out
 
 
 def _v_norm_finalize(m, quick):
-    return [Variant(f"kind={k}", dict(KIND=k, BLOCK=m._FINAL_BLOCK))
+    return [Variant(f"kind={k}", dict(KIND=k, BLOCK=m._FINAL_BLOCK), options=_mt_options())
             for k in (m.SUM_ABS, m.SUM_SQ, m.SUM_POW, m.MAX_ABS, m.MIN_ABS)]
 
 
@@ -139,14 +162,16 @@ def _v_adamw(m, quick):
     from fused_lm.ops import _optim_common as oc
 
     out = []
-    for p, s, ams, master, sr in _optim_combos(quick, (False, True)):
+    for i, (p, s, ams, master, sr) in enumerate(_optim_combos(quick, (False, True))):
         lists = 4 + ams + master
         label = f"p={p} s={s}" + " amsgrad" * ams + " master" * master + " sr" * sr
-        for seed in (("i32", "i64") if not quick and sr else ("i32",)):
-            out.append(Variant(label + (f" seed:{seed}" if seed != "i32" else ""),
-                               dict(P_DTYPE=_tl(p), S_DTYPE=_tl(s), AMSGRAD=ams, MASTER=master,
-                                    SR=sr, LISTS=lists, HP_COLS=oc.HP_COLS, CHUNK=_chunk(),
-                                    BLOCK=m._BLOCK), {"seed": seed}))
+        for al in _alignments(quick, i == 0):
+            for seed in (("i32", "i64") if not quick and sr and al else ("i32",)):
+                out.append(Variant(label + " aligned" * al + (f" seed:{seed}" if seed != "i32" else ""),
+                                   dict(P_DTYPE=_tl(p), S_DTYPE=_tl(s), AMSGRAD=ams, MASTER=master,
+                                        SR=sr, ALIGNED=al, LISTS=lists, HP_COLS=oc.HP_COLS,
+                                        CHUNK=_chunk(), BLOCK=m._BLOCK), {"seed": seed},
+                                   options=_mt_options()))
     return out
 
 
@@ -154,11 +179,14 @@ def _v_lion(m, quick):
     from fused_lm.ops import _optim_common as oc
 
     out = []
-    for p, s, _, master, sr in _optim_combos(quick, (False,)):
+    for i, (p, s, _, master, sr) in enumerate(_optim_combos(quick, (False,))):
         label = f"p={p} s={s}" + " master" * master + " sr" * sr
-        out.append(Variant(label, dict(P_DTYPE=_tl(p), S_DTYPE=_tl(s), MASTER=master, SR=sr,
-                                       LISTS=3 + master, HP_COLS=oc.HP_COLS, CHUNK=_chunk(),
-                                       BLOCK=m._BLOCK), {"seed": "i32"}))
+        for al in _alignments(quick, i == 0):
+            out.append(Variant(label + " aligned" * al,
+                               dict(P_DTYPE=_tl(p), S_DTYPE=_tl(s), MASTER=master, SR=sr,
+                                    ALIGNED=al, LISTS=3 + master, HP_COLS=oc.HP_COLS,
+                                    CHUNK=_chunk(), BLOCK=m._BLOCK), {"seed": "i32"},
+                               options=_mt_options()))
     return out
 
 
@@ -276,6 +304,75 @@ SPECS = [
 
 
 # ----------------------------------------------------------------------------------------------
+# PTX rules of the multi-tensor kernels (issue 11): IEEE-rounded math, NaN-propagating max,
+# 128-bit global accesses in the ALIGNED variants
+# ----------------------------------------------------------------------------------------------
+
+# Triton's default '/' and sqrt on float32 become the approximate div.full / sqrt.approx on a GPU
+# (exact under the interpreter), its exp2/log2 the approximate ex2/lg2 (2^-22 absolute error).
+_PTX_APPROX_ARITH = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)(?:\.ftz)?\.f32\b")
+_PTX_APPROX_EXP = re.compile(r"\b(?:lg2|ex2)\.approx(?:\.ftz)?\.f32\b")
+# max.f32 (maxNum) drops NaN; torch.maximum keeps it (max.NaN.f32 would be fine).
+_PTX_NAN_DROPPING_MAX = re.compile(r"\bmax(?:\.ftz)?\.f32\b")
+# One 128-bit global access: 4 x 32-bit, 2 x 64-bit or 8 x 16-bit lanes, any cache qualifiers.
+_PTX_V128 = {op: re.compile(rf"\b{op}\.global(?:\.[\w:]+)*?\.(?:v4\.[bfsu]32|v2\.[bfsu]64|v8\.[bfsu]16|v8\.bf16)\b")
+             for op in ("ld", "st")}
+
+
+@dataclass
+class PtxRule:
+    vector: tuple = ()          # "ld"/"st": at least one 128-bit access in the ALIGNED variant
+    require: tuple = ()         # instructions that must appear (the IEEE-rounded forms)
+    exp_ok: bool = False        # approximate ex2/lg2 allowed (the p-norm's |x|^p, as documented)
+    nan_max: bool = False       # no NaN-dropping max.f32
+
+
+# By "module.kernel" (Task.name). Every multi-tensor kernel forbids the approximate division and
+# square root: torch's are IEEE-rounded, and so must ours be on the GPU as in the interpreter.
+PTX_RULES = {
+    "adamw._adamw_kernel": PtxRule(("ld", "st"), ("div.rn.f32", "sqrt.rn.f32", "fma.rn.f32"),
+                                   nan_max=True),
+    "lion._lion_kernel": PtxRule(("ld", "st"), ("fma.rn.f32",)),
+    "multi_tensor_scale._scale_kernel": PtxRule(("ld", "st")),
+    "multi_tensor_clamp._clamp_kernel": PtxRule(("ld", "st")),
+    "multi_tensor_norm._norm_partials_kernel": PtxRule(("ld",), exp_ok=True),
+    "multi_tensor_norm._norm_finalize_kernel": PtxRule((), ("div.rn.f32",), exp_ok=True),
+}
+
+
+def ptx_problems(task: Task, ptx: str) -> list[str]:
+    """What ``ptx`` (of ``task``'s variant) breaks of its kernel's PtxRule; [] if none."""
+    rule = PTX_RULES.get(task.name)
+    if rule is None or not ptx:
+        return []
+    body = "\n".join(line.split("//")[0] for line in ptx.splitlines())    # no comments
+    problems = []
+    approx = set(_PTX_APPROX_ARITH.findall(body))
+    if not rule.exp_ok:
+        approx |= set(_PTX_APPROX_EXP.findall(body))
+    if approx:
+        problems.append(f"approximate {', '.join(sorted(approx))} (expected div_rn/sqrt_rn/exact pow)")
+    require = list(rule.require)
+    if task.name.endswith("_norm_finalize_kernel") and task.variant.constexprs.get("KIND") == 1:
+        require.append("sqrt.rn.f32")
+    missing = [r for r in require if not re.search(rf"\b{re.escape(r)}\b", body)]
+    if missing:
+        problems.append(f"no {', '.join(missing)} in the PTX")
+    if rule.nan_max and _PTX_NAN_DROPPING_MAX.search(body):
+        problems.append("NaN-dropping max.f32 (expected a NaN-propagating max, as torch.maximum)")
+    if task.variant.constexprs.get("ALIGNED"):
+        for op in rule.vector:
+            if not _PTX_V128[op].search(body):
+                problems.append(f"no 128-bit global {'load' if op == 'ld' else 'store'} in the "
+                                f"ALIGNED variant (expected {op}.global.v4.b32 or similar)")
+    return problems
+
+
+def _ptx_file_name(task: Task) -> str:
+    return re.sub(r"[^\w.=-]+", "_", f"sm{task.arch}_{task.name}_{task.variant.label}").strip("_") + ".ptx"
+
+
+# ----------------------------------------------------------------------------------------------
 # Compiling one variant (Triton 3.0 .. 3.9 API differences handled here)
 # ----------------------------------------------------------------------------------------------
 
@@ -288,6 +385,7 @@ class Task:
 
 
 _PTX_ONLY = False
+_PTX_DIR = None                              # --ptx-dir: where each variant's PTX is written
 
 
 def _ast_source(fn, spec: Spec, variant: Variant, backend):
@@ -359,7 +457,8 @@ def compile_task(task: Task) -> dict:
         target = GPUTarget("cuda", task.arch, 32)
         backend = make_backend(target)
         src = _ast_source(fn, task.spec, task.variant, backend)
-        options = {"num_warps": task.variant.num_warps, "num_stages": task.variant.num_stages}
+        options = {"num_warps": task.variant.num_warps, "num_stages": task.variant.num_stages,
+                   **task.variant.options}
         if _PTX_ONLY:
             from triton.backends.nvidia.compiler import CUDABackend
 
@@ -376,6 +475,13 @@ def compile_task(task: Task) -> dict:
         md = kernel.metadata
         shared = md.get("shared") if isinstance(md, dict) else getattr(md, "shared", None)
         out.update(_ptxas_info(log.getvalue()), ok=True, smem=shared)
+        ptx = kernel.asm.get("ptx", "") if hasattr(kernel.asm, "get") else ""
+        if _PTX_DIR:
+            Path(_PTX_DIR, _ptx_file_name(task)).write_text(ptx)
+        problems = ptx_problems(task, ptx)
+        if problems:
+            out["ok"] = False
+            out["ptx"] = "; ".join(problems)
         limit = SMEM_LIMIT.get(task.arch)
         if shared is not None and limit is not None and shared > limit:
             out["ok"] = task.variant.fallback_ok
@@ -431,7 +537,8 @@ def _fmt(task: Task, r: dict, verbose: bool) -> str:
     status = "ok  " if r["ok"] and not r.get("oor") else ("oor " if r["ok"] else "FAIL")
     note = f"  [{r['oor']}{', launcher falls back' if r['ok'] else ''}]" if r.get("oor") else ""
     warn = "  [SPILLS]" if r.get("spill") else ""
-    return f"{status}  {head}  {' '.join(bits)}  ({r['seconds']:.1f}s){warn}{note}"
+    ptx = f"\n      ptx: {r['ptx']}" if r.get("ptx") else ""
+    return f"{status}  {head}  {' '.join(bits)}  ({r['seconds']:.1f}s){warn}{note}{ptx}"
 
 
 def main(argv=None) -> int:
@@ -443,6 +550,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", help="kernel family or kernel name substring")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas)")
+    ap.add_argument("--ptx-dir", help="write each variant's PTX into this directory")
     ap.add_argument("--list", action="store_true", help="list the variants, compile nothing")
     ap.add_argument("-v", "--verbose", action="store_true", help="full tracebacks of failures")
     args = ap.parse_args(argv)
@@ -463,7 +571,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    global _PTX_ONLY
+    global _PTX_ONLY, _PTX_DIR
     t_start = time.perf_counter()
     try:
         import triton
@@ -475,6 +583,9 @@ def _main(args) -> int:
     version = getattr(triton, "__version__", "?")
     archs = args.arch or [90, 80]
     _PTX_ONLY = args.ptx_only
+    if args.ptx_dir:
+        _PTX_DIR = os.path.abspath(args.ptx_dir)
+        os.makedirs(_PTX_DIR, exist_ok=True)
 
     for spec in SPECS:
         if args.only and not any(o in (spec.family, spec.kernel) or o in spec.module for o in args.only):

@@ -18,9 +18,9 @@ void partials_cpu(const flm::TensorTable& tt, int64_t n_chunks, flm::NormOp<K> o
     float acc = op.identity();
     if constexpr (flm::NormOp<K>::kIsSum) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = c.begin; j < c.end; ++j) acc += op.term(flm::to_float(x[j]));
+      for (int64_t j = c.begin; j < c.end; ++j) acc = op.accumulate(acc, flm::to_float(x[j]));
     } else {
-      for (int64_t j = c.begin; j < c.end; ++j) acc = op.combine(acc, op.term(flm::to_float(x[j])));
+      for (int64_t j = c.begin; j < c.end; ++j) acc = op.accumulate(acc, flm::to_float(x[j]));
     }
     out[k] = acc;
   }

@@ -55,7 +55,7 @@ norm_partials_kernel(TensorTable table, NormOp<K> op, float* __restrict__ partia
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-        for (int k = 0; k < kILP; ++k) acc = op.combine(acc, op.term(v[u][k]));
+        for (int k = 0; k < kILP; ++k) acc = op.accumulate(acc, v[u][k]);
     }
   }
   for (; i < c.end; i += stride) {
@@ -63,11 +63,11 @@ norm_partials_kernel(TensorTable table, NormOp<K> op, float* __restrict__ partia
       float v[kILP];
       load_vec<T>(v, x, i);
 #pragma unroll
-      for (int k = 0; k < kILP; ++k) acc = op.combine(acc, op.term(v[k]));
+      for (int k = 0; k < kILP; ++k) acc = op.accumulate(acc, v[k]);
     } else {
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
-        if (i + k < c.end) acc = op.combine(acc, op.term(to_float(x[i + k])));
+        if (i + k < c.end) acc = op.accumulate(acc, to_float(x[i + k]));
       }
     }
   }
@@ -93,6 +93,7 @@ norm_finalize_kernel(const float* __restrict__ partials, int64_t n, NormOp<K> op
 template <typename T>
 cudaError_t launch_partials(const TensorTable& tt, int64_t n_chunks, NormKind kind, float p,
                             float* partials, cudaStream_t stream) {
+  if (n_chunks > kMaxGridX) return cudaErrorInvalidConfiguration;   // one block per chunk
   const unsigned grid = static_cast<unsigned>(n_chunks);
   switch (kind) {
     case NormKind::kSumAbs:

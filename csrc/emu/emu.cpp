@@ -55,8 +55,9 @@
 //
 // Not emulated: timing and occupancy, concurrency between blocks and with the host (streams are
 // ignored, launches are synchronous), the memory model beyond the orders above (no torn or
-// reordered accesses, no caches), the GPU's math library and FMA contraction (the kernels get
-// g++'s arithmetic: see README "Tests"), dynamic parallelism, cooperative groups, textures.
+// reordered accesses, no caches), the GPU's math library (the kernels get glibc's; FMAs are
+// written out, contraction is off in both builds: see README "Tests"), dynamic parallelism,
+// cooperative groups, textures.
 //
 // x86-64 Linux only (the context switch is written in assembly).
 

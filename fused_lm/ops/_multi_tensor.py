@@ -18,6 +18,25 @@ work; when only addresses moved, the chunk table is reused and only the address 
 the extension), the addresses, sizes, dtypes and contiguity of a list of tensors and checks them
 (plain, dense, real floating, one device), so the norm / scale / clamp paths bucket by dtype and
 build tables with numpy instead of per-tensor Python (``dtype_buckets``, ``TableCache.get_rows``).
+
+Triton kernels (the helpers at the bottom, shared by every multi-tensor kernel):
+
+* Vector access. The addresses come from the table, so the compiler knows nothing of their
+  alignment and emits 2-4 byte loads. When every address of a table is ``ALIGN`` (16) bytes
+  aligned (``TensorTable.aligned``, read from the host copy: no synchronisation), the launchers
+  pick the ``ALIGNED`` variant, where ``list_ptr`` declares each address a multiple of 16 and
+  ``chunk_of`` each chunk start a multiple of the chunk size (a multiple of 8 elements, so every
+  chunk of an aligned tensor starts 16-byte aligned). A masked access vectorises only when the
+  mask is known constant over the vector, which ``offs < end`` is not (``end`` is loaded), so the
+  chunk is walked in two phases: full blocks unmasked (``load``/``store`` with ``MASKED=False``,
+  128-bit accesses in the aligned variant), then one masked block for the tail.
+* Launch limits: one program per chunk on grid axis 0 (``launch_grid``: at most 2**31 - 1
+  programs, the limit of CUDA's grid.x) and int64 arithmetic on program ids and element offsets,
+  so tensors beyond 2**31 elements work.
+* Numerics: ``LAUNCH_OPTIONS`` turns off the compiler's multiply-add contraction
+  (``enable_fp_fusion=False``); the kernels write ``tl.fma`` where they mean one and use the
+  IEEE-rounded ``div_rn``/``sqrt_rn``, so a GPU run computes what the interpreter and the C++
+  functors compute (csrc/include/fused_lm/optim_functors.h), bit for bit for the optimizers.
 """
 
 from __future__ import annotations
@@ -32,6 +51,13 @@ import torch
 # vector accesses, and a 124M-parameter model ~7.6k chunks: enough to fill 132 SMs several times
 # over while keeping the chunk table small. Not yet tuned on a GPU (no GPU session so far).
 CHUNK = 16384
+# Bytes of one 128-bit vector access: the alignment the ALIGNED kernel variants assume.
+ALIGN = 16
+# Programs on grid axis 0 (CUDA's grid.x limit; Triton puts program_id(0) there).
+MAX_GRID_X = 2**31 - 1
+# Options of every multi-tensor Triton launch (and of their AOT compile in
+# tools/triton_aot_check.py): no multiply-add contraction, see the module docstring.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @dataclass
@@ -42,10 +68,36 @@ class TensorTable:
     chunk_size: int
     lists: int
     _host: tuple = ()      # pinned host copies, kept alive until the async upload is done
+    _aligned: bool | None = None   # cache of ``aligned`` (device tables)
 
     @property
     def n_tensors(self) -> int:
         return self.table.shape[0]
+
+    @property
+    def aligned(self) -> bool:
+        """Every address of the table is ALIGN-byte aligned and the chunk size a multiple of 8
+        elements (so every chunk start is too): the kernels may use 128-bit accesses. Read from
+        the host copy (no device work); a device table's copy never changes, a CPU table may be
+        patched in place (fused_lm/optim/_base.py), so it is read again there."""
+        host = self.table if self.table.device.type == "cpu" else (self._host[0] if self._host else None)
+        if host is None or self.chunk_size % 8:
+            return False
+        if self.table.device.type != "cpu" and self._aligned is not None:
+            return self._aligned
+        addrs = host.numpy()[:, :self.lists]
+        ok = addrs.size == 0 or not int(np.bitwise_or.reduce(addrs, axis=None)) % ALIGN
+        self._aligned = ok
+        return ok
+
+
+def launch_grid(table: TensorTable) -> tuple[int]:
+    """The grid of a one-program-per-chunk launch, checked against MAX_GRID_X."""
+    if table.n_chunks > MAX_GRID_X:
+        raise ValueError(f"{table.n_chunks} chunks of {table.chunk_size} elements exceed the "
+                         f"{MAX_GRID_X} programs of a launch grid; expected fewer elements per "
+                         f"launch or a larger chunk_size")
+    return (table.n_chunks,)
 
 
 def check_tensors(tensors: Sequence[torch.Tensor]) -> None:
@@ -275,3 +327,52 @@ def tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton pieces shared by the multi-tensor kernels (see the module docstring).
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+if triton is not None:
+    _ALIGN = tl.constexpr(ALIGN)
+
+    @triton.jit
+    def chunk_of(table_ptr, chunks_ptr, LISTS: tl.constexpr, CHUNK: tl.constexpr):
+        # (tensor index, its table row, first element, end) of this program's chunk. int64
+        # throughout: 2 * pid and the element offsets may pass 2**31.
+        pid = tl.program_id(0).to(tl.int64)
+        tensor = tl.load(chunks_ptr + 2 * pid)
+        begin = tl.multiple_of(tl.load(chunks_ptr + 2 * pid + 1), CHUNK)   # starts: k * CHUNK
+        row = table_ptr + tensor * (LISTS + 2)
+        end = tl.minimum(begin + CHUNK, tl.load(row + LISTS))
+        return tensor, row, begin, end
+
+    @triton.jit
+    def list_ptr(row, k, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        # The address of list k of a table row as a DTYPE pointer; ALIGNED: declared a multiple
+        # of 16 bytes (the host checked every address of the table).
+        ptr = tl.load(row + k).to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, _ALIGN)
+        return ptr
+
+    @triton.jit
+    def load(ptr, mask, MASKED: tl.constexpr):
+        # An unmasked load (vectorisable) in the full-block phase, masked (other=0) in the tail.
+        if MASKED:
+            x = tl.load(ptr, mask=mask, other=0.0)
+        else:
+            x = tl.load(ptr)
+        return x
+
+    @triton.jit
+    def store(ptr, x, mask, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr, x, mask=mask)
+        else:
+            tl.store(ptr, x)

@@ -8,6 +8,9 @@
   device). A bucket's step tensors are listed by address in ``step_table`` (int64, (n_tensors,));
   one launch adds ``skip == 0 ? 1 : 0`` to each, then the update kernel reads each tensor's count
   through the same table (indexed by the chunk's tensor index) for its bias corrections.
+* Per-chunk scalars in float64 (``pow_count``, ``one_minus_product``): the bias corrections
+  1 - beta^t and the decay 1 - lr * wd are computed by the same float64 operations on every backend
+  (Triton here, the C++ functors in csrc/include/fused_lm/optim_functors.h), then rounded once.
 * The counter-based random bits of stochastic rounding: ``fmix32`` (MurmurHash3's finaliser, a
   bijection on 32 bits with full avalanche) keyed by (seed, step, tensor index, element index), so
   a resumed run draws the same bits (csrc/include/fused_lm/optim_functors.h has the C++ twin).
@@ -34,6 +37,28 @@ def upload_int64(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def step_table(steps: list, device: torch.device) -> torch.Tensor:
+    """The step table of a bucket: the int64 addresses of its ``state['step']`` counters, on
+    ``device`` (no host synchronisation). The kernels read and write each counter through its
+    address on the parameters' device, so each must be a float32 one-element tensor on that
+    device (torch's layout); anything else (a user-set CPU tensor on a CUDA parameter, an int64 or
+    float64 count, a Python number) raises here instead of becoming an illegal address or a
+    misread count. Device-agnostic: the check is the same on every backend."""
+    for i, s in enumerate(steps):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"state['step'] of tensor {i} of the bucket is a {type(s).__name__}; "
+                            f"the fused kernels update it in place: expected a float32 "
+                            f"one-element tensor on {device}")
+        if s.dtype != torch.float32 or s.numel() != 1 or s.device != device:
+            error = TypeError if s.dtype != torch.float32 else ValueError
+            raise error(f"state['step'] of tensor {i} of the bucket is a {s.dtype} tensor of "
+                        f"shape {tuple(s.shape)} on {s.device}; the fused kernels read and write "
+                        f"it in place on the parameter's device: expected a float32 one-element "
+                        f"tensor on {device}, e.g. "
+                        f"torch.tensor(float(step), dtype=torch.float32, device=param.device)")
+    return upload_int64([s.data_ptr() for s in steps], device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +151,31 @@ if triton is not None:
         tl.store(addr, s + inc, mask=mask)
 
     @triton.jit
-    def pow_f32(base, t):
-        # base^t for base in [0, 1), t >= 1, as exp2(t * log2(base)) (core ops only: the
-        # interpreter has no libdevice pow). base == 0 gives exp2(-inf) = 0.
-        return tl.exp2(t * tl.log2(base))
+    def pow_count(base, t):
+        # base^n in float64 for the integer step count n = t (a float32 count, truncated, at
+        # most 2^30: every float32 beta < 1 gives 1 - beta^(2^30) == 1 in float32; n = 0 below 1
+        # and for NaN, which makes the update NaN, as torch's beta ** nan does), by squaring:
+        # 31 float64 multiply steps per chunk, no libdevice (the interpreter has none), and the
+        # same multiplies in the same order as pow_count in optim_functors.h, so every backend
+        # gets the same bits. Why not exp2(t * log2(beta)) in float32: 1 - beta^t cancels
+        # (beta2 = 0.999, t = 1: 1000x), and a GPU's lg2.approx has ~2^-22 absolute error, so the
+        # bias correction would be off by ~1e-4 relative there and exact in the interpreter.
+        # (The outer select is not a max(t, 0): its operands differ, so no NaN-dropping max.f32
+        # appears in the PTX, where tools/triton_aot_check.py looks for AMSGrad's.)
+        n = tl.where(t >= 1.0, tl.where(t < 1073741824.0, t, 1073741824.0), 0.0).to(tl.int32)
+        x = base.to(tl.float64)
+        r = x * 0.0 + 1.0
+        for _ in range(31):
+            r = tl.where((n & 1) != 0, r * x, r)
+            x = x * x
+            n = n >> 1
+        return r
+
+    @triton.jit
+    def one_minus_product(a, b):
+        # float32(1 - a * b) for float32 a, b, computed in float64 (the product is exact there):
+        # the decoupled weight decay factor 1 - lr * wd, as torch computes it in Python floats.
+        return (1.0 - a.to(tl.float64) * b.to(tl.float64)).to(tl.float32)
 
 
 _STEP_BLOCK = 1024

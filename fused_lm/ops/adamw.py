@@ -1,13 +1,15 @@
 """Multi-tensor AdamW: one launch updates every tensor of a bucket (same device and dtypes).
 
-Math (float32 throughout; torch.optim.AdamW, reference in fused_lm/reference/optim.py):
+Math (torch.optim.AdamW, reference in fused_lm/reference/optim.py), float32 per element with
+exactly these roundings on every backend (fma: one rounding; /, sqrt: IEEE-rounded; the per-chunk
+scalars in float64, rounded once to float32: ops/_optim_common.py):
 
     g  = grad * grad_mult * grad_sign          grad_mult = 1/loss_scale (x clip coefficient)
     p  = p * (1 - lr * wd)
-    m  = m + (1 - b1) * (g - m)
-    v  = b2 * v + (1 - b2) * g^2
-    v_hat = max(v_max, v) if amsgrad else v
-    p  = p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
+    m  = fma(1 - b1, g - m, m)                 torch's lerp(m, g, 1 - b1)
+    v  = fma((1 - b2) * g, g, b2 * v)          b2 * v + (1 - b2) * g^2
+    v_hat = max(v_max, v) if amsgrad else v    NaN-propagating, as torch.maximum
+    p  = fma(-lr / (1 - b1^t), m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), p)
 
 Tensor table lists (ops/_multi_tensor.py): [param, grad, exp_avg, exp_avg_sq, (max_exp_avg_sq),
 (master_param)]. Per-group hyperparameters come from the device table ``hp``
@@ -43,18 +45,19 @@ if triton is not None:
     @triton.jit(do_not_specialize=["seed"])
     def _adamw_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-                      MASTER: tl.constexpr, SR: tl.constexpr, LISTS: tl.constexpr,
-                      HP_COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                      MASTER: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr,
+                      LISTS: tl.constexpr, HP_COLS: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr):
         # One program per chunk of CHUNK elements of one tensor.
-        pid = tl.program_id(0)
-        tensor = tl.load(chunks_ptr + 2 * pid)
-        begin = tl.load(chunks_ptr + 2 * pid + 1)
-        row = table_ptr + tensor * (LISTS + 2)
-        p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
-        numel = tl.load(row + LISTS)
+        tensor, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, LISTS, CHUNK)
+        p_ptr = mt.list_ptr(row, 0, P_DTYPE, ALIGNED)
+        g_ptr = mt.list_ptr(row, 1, P_DTYPE, ALIGNED)
+        m_ptr = mt.list_ptr(row, 2, S_DTYPE, ALIGNED)
+        v_ptr = mt.list_ptr(row, 3, S_DTYPE, ALIGNED)
+        if AMSGRAD:
+            vmax_ptr = mt.list_ptr(row, 4, S_DTYPE, ALIGNED)
+        if MASTER:
+            w_ptr = mt.list_ptr(row, 4 + AMSGRAD, tl.float32, ALIGNED)
         group = tl.load(row + LISTS + 1)
 
         hp = hp_ptr + group * HP_COLS
@@ -62,56 +65,61 @@ if triton is not None:
         b1 = tl.load(hp + 1)
         b2 = tl.load(hp + 2)
         eps = tl.load(hp + 3)
-        wd = tl.load(hp + 4)
         mult = tl.load(mult_ptr) * tl.load(hp + 5)          # 1/loss_scale * (-1 if maximize)
         t = tl.load(tl.load(step_table_ptr + tensor).to(tl.pointer_type(tl.float32)))
-        decay = 1.0 - lr * wd
-        step_size = lr / (1.0 - oc.pow_f32(b1, t))
-        sqrt_bc2 = tl.sqrt(1.0 - oc.pow_f32(b2, t))
+        decay = oc.one_minus_product(lr, tl.load(hp + 4))
+        neg_step_size = (-lr.to(tl.float64) / (1.0 - oc.pow_count(b1, t))).to(tl.float32)
+        sqrt_bc2 = tl.sqrt(1.0 - oc.pow_count(b2, t)).to(tl.float32)   # float64: sqrt.rn.f64
+        c1 = 1.0 - b1
+        c2 = 1.0 - b2
         # found_inf: an empty range, so no element is loaded or stored.
-        end = tl.where(tl.load(skip_ptr) != 0, begin, tl.minimum(begin + CHUNK, numel))
+        end = tl.where(tl.load(skip_ptr) != 0, begin, end)
         if SR:
             key = oc.chunk_key(seed, t, tensor)
 
-        # Runtime trip count: a small tensor (or a skipped step) costs no masked iterations.
-        for i in range(0, end - begin, BLOCK):
-            offs = begin + i + tl.arange(0, BLOCK)                    # int64 (begin is int64)
-            mask = offs < end
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mult
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if MASTER:
-                w_ptr = tl.load(row + 4 + AMSGRAD).to(tl.pointer_type(tl.float32))
-                p = tl.load(w_ptr + offs, mask=mask, other=0.0)
-            else:
-                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            p = p * decay
-            m = m + (1.0 - b1) * (g - m)
-            v = b2 * v + (1.0 - b2) * g * g
-            if AMSGRAD:
-                vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
-                vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-                if S_DTYPE == tl.bfloat16:
-                    tl.store(vmax_ptr + offs, oc.rne_bf16(vmax).to(S_DTYPE), mask=mask)
+        # Runtime trip counts (a small tensor or a skipped step costs no masked iterations): full
+        # blocks unmasked, then the masked tail (vector access: ops/_multi_tensor.py).
+        n_full = (end - begin) // BLOCK * BLOCK
+        for phase in tl.static_range(2):
+            for i in range(0 if phase == 0 else n_full, n_full if phase == 0 else end - begin, BLOCK):
+                offs = begin + i + tl.arange(0, BLOCK)                # int64 (begin is int64)
+                mask = offs < end
+                g = mt.load(g_ptr + offs, mask, phase == 1).to(tl.float32) * mult
+                m = mt.load(m_ptr + offs, mask, phase == 1).to(tl.float32)
+                v = mt.load(v_ptr + offs, mask, phase == 1).to(tl.float32)
+                if MASTER:
+                    p = mt.load(w_ptr + offs, mask, phase == 1)
                 else:
-                    tl.store(vmax_ptr + offs, vmax.to(S_DTYPE), mask=mask)
-                denom = tl.sqrt(vmax) / sqrt_bc2 + eps
-            else:
-                denom = tl.sqrt(v) / sqrt_bc2 + eps
-            p = p - step_size * (m / denom)
-            if S_DTYPE == tl.bfloat16:
-                tl.store(m_ptr + offs, oc.rne_bf16(m).to(S_DTYPE), mask=mask)
-                tl.store(v_ptr + offs, oc.rne_bf16(v).to(S_DTYPE), mask=mask)
-            else:
-                tl.store(m_ptr + offs, m.to(S_DTYPE), mask=mask)
-                tl.store(v_ptr + offs, v.to(S_DTYPE), mask=mask)
-            if MASTER:
-                tl.store(w_ptr + offs, p, mask=mask)
-            if SR:
-                p = oc.stochastic_round_bf16(p, key, offs)
-            elif P_DTYPE == tl.bfloat16:
-                p = oc.rne_bf16(p)
-            tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+                    p = mt.load(p_ptr + offs, mask, phase == 1).to(tl.float32)
+                p = p * decay
+                m = tl.fma(c1, g - m, m)
+                v = tl.fma(c2 * g, g, b2 * v)
+                if AMSGRAD:
+                    vmax = mt.load(vmax_ptr + offs, mask, phase == 1).to(tl.float32)
+                    # torch.maximum: NaN if either is NaN (tl.maximum drops NaN on a GPU).
+                    vmax = tl.where((v != v) | (v > vmax), v, vmax)
+                    if S_DTYPE == tl.bfloat16:
+                        mt.store(vmax_ptr + offs, oc.rne_bf16(vmax).to(S_DTYPE), mask, phase == 1)
+                    else:
+                        mt.store(vmax_ptr + offs, vmax.to(S_DTYPE), mask, phase == 1)
+                    v_hat = vmax
+                else:
+                    v_hat = v
+                denom = tl.math.div_rn(tl.math.sqrt_rn(v_hat), sqrt_bc2) + eps
+                p = tl.fma(neg_step_size, tl.math.div_rn(m, denom), p)
+                if S_DTYPE == tl.bfloat16:
+                    mt.store(m_ptr + offs, oc.rne_bf16(m).to(S_DTYPE), mask, phase == 1)
+                    mt.store(v_ptr + offs, oc.rne_bf16(v).to(S_DTYPE), mask, phase == 1)
+                else:
+                    mt.store(m_ptr + offs, m.to(S_DTYPE), mask, phase == 1)
+                    mt.store(v_ptr + offs, v.to(S_DTYPE), mask, phase == 1)
+                if MASTER:
+                    mt.store(w_ptr + offs, p, mask, phase == 1)
+                if SR:
+                    p = oc.stochastic_round_bf16(p, key, offs)
+                elif P_DTYPE == tl.bfloat16:
+                    p = oc.rne_bf16(p)
+                mt.store(p_ptr + offs, p.to(P_DTYPE), mask, phase == 1)
 
 
 # BLOCK 1024 x 16 iterations = one CHUNK (16384) per program; not yet tuned on a GPU.
@@ -127,11 +135,11 @@ def adamw_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tens
     if table.n_chunks == 0:
         return
     sr = bool(sr and param_dtype == torch.bfloat16)
-    _adamw_kernel[(table.n_chunks,)](
+    _adamw_kernel[mt.launch_grid(table)](
         table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
         P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), AMSGRAD=amsgrad,
-        MASTER=master, SR=sr, LISTS=table.lists, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size,
-        BLOCK=_BLOCK)
+        MASTER=master, SR=sr, ALIGNED=table.aligned, LISTS=table.lists, HP_COLS=oc.HP_COLS,
+        CHUNK=table.chunk_size, BLOCK=_BLOCK, **mt.LAUNCH_OPTIONS)
 
 
 def adamw_compiled(backend: str, table: mt.TensorTable, step_table: torch.Tensor,

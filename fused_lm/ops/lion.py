@@ -1,12 +1,13 @@
 """Multi-tensor Lion: one launch updates every tensor of a bucket (same device and dtypes).
 
-Math (float32; Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; reference in
-fused_lm/reference/optim.py):
+Math (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; reference in
+fused_lm/reference/optim.py), float32 with exactly these roundings on every backend (fma: one
+rounding; 1 - lr * wd computed in float64 and rounded once, see ops/_optim_common.py):
 
     g = grad * grad_mult * grad_sign
-    c = b1 * m + (1 - b1) * g
-    p = p * (1 - lr * wd) - lr * sign(c)
-    m = b2 * m + (1 - b2) * g
+    c = fma(1 - b1, g, b1 * m)                 b1 * m + (1 - b1) * g
+    p = fma(-lr, sign(c), p * (1 - lr * wd))   (lr * sign(c) is exact)
+    m = fma(1 - b2, g, b2 * m)                 b2 * m + (1 - b2) * g
 
 Tensor table lists: [param, grad, exp_avg, (master_param)]; hyperparameters from the device table
 ``hp`` (eps unused), step counts through ``step_table`` (Lion has no bias correction; the count is
@@ -35,55 +36,56 @@ if triton is not None:
     @triton.jit(do_not_specialize=["seed"])
     def _lion_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
                      P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr,
-                     SR: tl.constexpr, LISTS: tl.constexpr, HP_COLS: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        tensor = tl.load(chunks_ptr + 2 * pid)
-        begin = tl.load(chunks_ptr + 2 * pid + 1)
-        row = table_ptr + tensor * (LISTS + 2)
-        p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-        numel = tl.load(row + LISTS)
+                     SR: tl.constexpr, ALIGNED: tl.constexpr, LISTS: tl.constexpr,
+                     HP_COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        tensor, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, LISTS, CHUNK)
+        p_ptr = mt.list_ptr(row, 0, P_DTYPE, ALIGNED)
+        g_ptr = mt.list_ptr(row, 1, P_DTYPE, ALIGNED)
+        m_ptr = mt.list_ptr(row, 2, S_DTYPE, ALIGNED)
+        if MASTER:
+            w_ptr = mt.list_ptr(row, 3, tl.float32, ALIGNED)
         group = tl.load(row + LISTS + 1)
 
         hp = hp_ptr + group * HP_COLS
         lr = tl.load(hp)
         b1 = tl.load(hp + 1)
         b2 = tl.load(hp + 2)
-        wd = tl.load(hp + 4)
         mult = tl.load(mult_ptr) * tl.load(hp + 5)
-        decay = 1.0 - lr * wd
-        end = tl.where(tl.load(skip_ptr) != 0, begin, tl.minimum(begin + CHUNK, numel))
+        decay = oc.one_minus_product(lr, tl.load(hp + 4))
+        c1 = 1.0 - b1
+        c2 = 1.0 - b2
+        end = tl.where(tl.load(skip_ptr) != 0, begin, end)
         if SR:
             t = tl.load(tl.load(step_table_ptr + tensor).to(tl.pointer_type(tl.float32)))
             key = oc.chunk_key(seed, t, tensor)
 
-        # Runtime trip count: a small tensor (or a skipped step) costs no masked iterations.
-        for i in range(0, end - begin, BLOCK):
-            offs = begin + i + tl.arange(0, BLOCK)
-            mask = offs < end
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mult
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if MASTER:
-                w_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-                p = tl.load(w_ptr + offs, mask=mask, other=0.0)
-            else:
-                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            c = b1 * m + (1.0 - b1) * g
-            sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-            p = p * decay - lr * sign
-            m = b2 * m + (1.0 - b2) * g
-            if S_DTYPE == tl.bfloat16:
-                m = oc.rne_bf16(m)
-            tl.store(m_ptr + offs, m.to(S_DTYPE), mask=mask)
-            if MASTER:
-                tl.store(w_ptr + offs, p, mask=mask)
-            if SR:
-                p = oc.stochastic_round_bf16(p, key, offs)
-            elif P_DTYPE == tl.bfloat16:
-                p = oc.rne_bf16(p)
-            tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+        # Runtime trip counts (a small tensor or a skipped step costs no masked iterations): full
+        # blocks unmasked, then the masked tail (vector access: ops/_multi_tensor.py).
+        n_full = (end - begin) // BLOCK * BLOCK
+        for phase in tl.static_range(2):
+            for i in range(0 if phase == 0 else n_full, n_full if phase == 0 else end - begin, BLOCK):
+                offs = begin + i + tl.arange(0, BLOCK)
+                mask = offs < end
+                g = mt.load(g_ptr + offs, mask, phase == 1).to(tl.float32) * mult
+                m = mt.load(m_ptr + offs, mask, phase == 1).to(tl.float32)
+                if MASTER:
+                    p = mt.load(w_ptr + offs, mask, phase == 1)
+                else:
+                    p = mt.load(p_ptr + offs, mask, phase == 1).to(tl.float32)
+                c = tl.fma(c1, g, b1 * m)
+                sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))    # torch.sign: NaN -> 0
+                p = tl.fma(-lr, sign, p * decay)
+                m = tl.fma(c2, g, b2 * m)
+                if S_DTYPE == tl.bfloat16:
+                    m = oc.rne_bf16(m)
+                mt.store(m_ptr + offs, m.to(S_DTYPE), mask, phase == 1)
+                if MASTER:
+                    mt.store(w_ptr + offs, p, mask, phase == 1)
+                if SR:
+                    p = oc.stochastic_round_bf16(p, key, offs)
+                elif P_DTYPE == tl.bfloat16:
+                    p = oc.rne_bf16(p)
+                mt.store(p_ptr + offs, p.to(P_DTYPE), mask, phase == 1)
 
 
 _BLOCK = 1024
@@ -96,10 +98,11 @@ def lion_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tenso
     if table.n_chunks == 0:
         return
     sr = bool(sr and param_dtype == torch.bfloat16)
-    _lion_kernel[(table.n_chunks,)](
+    _lion_kernel[mt.launch_grid(table)](
         table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
         P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), MASTER=master, SR=sr,
-        LISTS=table.lists, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size, BLOCK=_BLOCK)
+        ALIGNED=table.aligned, LISTS=table.lists, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size,
+        BLOCK=_BLOCK, **mt.LAUNCH_OPTIONS)
 
 
 def lion_compiled(backend: str, table: mt.TensorTable, step_table: torch.Tensor,

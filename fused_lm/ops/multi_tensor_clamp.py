@@ -36,22 +36,21 @@ if triton is not None:
 
     @triton.jit
     def _clamp_kernel(table_ptr, chunks_ptr, lo, hi, lo_q, hi_q, DTYPE: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                      ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         # Compare with the float32 bounds, store the bounds already rounded to DTYPE (lo_q, hi_q,
         # exact in DTYPE): the result is an input element or a pre-rounded bound, so the final cast
         # is exact whatever the cast's rounding (the interpreter truncates float32 -> bfloat16).
-        pid = tl.program_id(0)
-        tensor = tl.load(chunks_ptr + 2 * pid)
-        begin = tl.load(chunks_ptr + 2 * pid + 1)
-        x_ptr = tl.load(table_ptr + tensor * 3).to(tl.pointer_type(DTYPE))   # row: addr, numel, group
-        numel = tl.load(table_ptr + tensor * 3 + 1)
-        for i in range(0, CHUNK, BLOCK):
-            offs = begin + i + tl.arange(0, BLOCK)
-            mask = offs < numel
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.where(x < lo, lo_q, x)    # comparisons with NaN are false: NaN is kept
-            x = tl.where(x > hi, hi_q, x)
-            tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+        _, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, 1, CHUNK)   # row: addr, numel, group
+        x_ptr = mt.list_ptr(row, 0, DTYPE, ALIGNED)
+        n_full = (end - begin) // BLOCK * BLOCK
+        for phase in tl.static_range(2):    # full blocks unmasked, then the tail (_multi_tensor.py)
+            for i in range(0 if phase == 0 else n_full, n_full if phase == 0 else end - begin, BLOCK):
+                offs = begin + i + tl.arange(0, BLOCK)
+                mask = offs < end
+                x = mt.load(x_ptr + offs, mask, phase == 1).to(tl.float32)
+                x = tl.where(x < lo, lo_q, x)    # comparisons with NaN are false: NaN is kept
+                x = tl.where(x > hi, hi_q, x)
+                mt.store(x_ptr + offs, x.to(DTYPE), mask, phase == 1)
 
 
 _BLOCK = 1024
@@ -102,8 +101,10 @@ def _clamp_group(which: str, dtype: torch.dtype, group: list[torch.Tensor], lo: 
 def _launch(which: str, dtype: torch.dtype, lo: float, hi: float, table: mt.TensorTable) -> None:
     if which == "triton":
         lo_q, hi_q = (float(torch.tensor(b, dtype=torch.float32).to(dtype)) for b in (lo, hi))
-        _clamp_kernel[(table.n_chunks,)](table.table, table.chunks, lo, hi, lo_q, hi_q,
-                                         DTYPE=mt.tl_dtype(dtype), CHUNK=table.chunk_size, BLOCK=_BLOCK)
+        _clamp_kernel[mt.launch_grid(table)](table.table, table.chunks, lo, hi, lo_q, hi_q,
+                                             DTYPE=mt.tl_dtype(dtype), ALIGNED=table.aligned,
+                                             CHUNK=table.chunk_size, BLOCK=_BLOCK,
+                                             **mt.LAUNCH_OPTIONS)
     else:
         _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
         torch.ops.fused_lm.multi_tensor_clamp_(table.table, table.chunks, table.chunk_size, dtype,

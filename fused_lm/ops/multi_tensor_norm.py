@@ -82,40 +82,51 @@ if triton is not None:
 
     @triton.jit
     def _norm_partials_kernel(table_ptr, chunks_ptr, partials_ptr, p, DTYPE: tl.constexpr,
-                              KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per chunk: reduce x[begin : begin + CHUNK] of one tensor to one float32.
-        pid = tl.program_id(0)
-        tensor = tl.load(chunks_ptr + 2 * pid)
-        begin = tl.load(chunks_ptr + 2 * pid + 1)
-        x_ptr = tl.load(table_ptr + tensor * 3).to(tl.pointer_type(DTYPE))   # row: addr, numel, group
-        numel = tl.load(table_ptr + tensor * 3 + 1)
+                              KIND: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # One program per chunk: reduce x[begin : end] of one tensor to one float32, full blocks
+        # unmasked, then the masked tail (ops/_multi_tensor.py: vector access).
+        _, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, 1, CHUNK)   # row: addr, numel, group
+        x_ptr = mt.list_ptr(row, 0, DTYPE, ALIGNED)
         if KIND == 4:
             acc = tl.full([BLOCK], float("inf"), tl.float32)
         else:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, CHUNK, BLOCK):
-            offs = begin + i + tl.arange(0, BLOCK)                          # int64: begin is int64
-            mask = offs < numel
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            a = tl.abs(x)
-            if KIND == 1:
-                t = x * x
-            elif KIND == 2:
-                # |x|^p = 2^(p log2|x|); masked lanes must add 0 (0^p is inf for p < 0).
-                t = tl.where(mask, tl.exp2(p * tl.log2(a)), 0.0)
-            elif KIND == 4:
-                t = tl.where(mask, a, float("inf"))
-            else:
-                t = a                                                       # masked lanes: |0| = 0
-            acc = _combine(acc, t, KIND)
-        tl.store(partials_ptr + pid, _reduce(acc, KIND))
+        n_full = (end - begin) // BLOCK * BLOCK
+        for phase in tl.static_range(2):
+            for i in range(0 if phase == 0 else n_full, n_full if phase == 0 else end - begin, BLOCK):
+                offs = begin + i + tl.arange(0, BLOCK)                      # int64: begin is int64
+                mask = offs < end
+                x = mt.load(x_ptr + offs, mask, phase == 1).to(tl.float32)
+                if KIND == 1:
+                    # acc + x^2 rounded once, as NormOp::accumulate (masked lanes load 0)
+                    acc = tl.fma(x, x, acc)
+                else:
+                    a = tl.abs(x)
+                    if KIND == 2:
+                        # |x|^p = 2^(p log2|x|) (torch's pow is not IEEE-rounded either; on a
+                        # GPU lg2/ex2 are the approximate instructions, ~2^-22 absolute in the
+                        # exponent, i.e. ~1e-7 relative per term); masked lanes add 0 (0^p is
+                        # inf for p < 0).
+                        t = tl.exp2(p * tl.log2(a))
+                        if phase == 1:
+                            t = tl.where(mask, t, 0.0)
+                    elif KIND == 4:
+                        t = a
+                        if phase == 1:
+                            t = tl.where(mask, a, float("inf"))
+                    else:
+                        t = a                                               # masked lanes: |0| = 0
+                    acc = _combine(acc, t, KIND)
+        tl.store(partials_ptr + tl.program_id(0), _reduce(acc, KIND))
 
     @triton.jit
     def _norm_finalize_kernel(partials_ptr, n, out_ptr, p, max_norm, KIND: tl.constexpr,
                               BLOCK: tl.constexpr):
         # One program: reduce the n partials, take the root, and the clip coefficient
         # clamp(max_norm / (norm + 1e-6), max=1) evaluated as torch does (reciprocal, multiply;
-        # a NaN norm keeps a NaN coefficient).
+        # a NaN norm keeps a NaN coefficient). IEEE-rounded sqrt and divisions (div_rn, sqrt_rn:
+        # torch's are; Triton's default '/' and sqrt are approximate on a GPU).
         if KIND == 4:
             acc = tl.full([BLOCK], float("inf"), tl.float32)
         else:
@@ -128,12 +139,12 @@ if triton is not None:
             acc = _combine(acc, x, KIND)
         r = _reduce(acc, KIND)
         if KIND == 1:
-            norm = tl.sqrt(r)
+            norm = tl.math.sqrt_rn(r)
         elif KIND == 2:
-            norm = tl.exp2(tl.log2(r) / p)
+            norm = tl.exp2(tl.math.div_rn(tl.log2(r), p))
         else:
             norm = r
-        coef = (1.0 / (norm + 1e-6)) * max_norm
+        coef = tl.math.div_rn(1.0, norm + 1e-6) * max_norm
         coef = tl.where(coef > 1.0, 1.0, coef)
         tl.store(out_ptr, norm)
         tl.store(out_ptr + 1, coef)
@@ -179,9 +190,10 @@ def clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 def _launch_partials(which: str, dtype: torch.dtype, kind: int, p: float, partials: torch.Tensor,
                      table: mt.TensorTable) -> None:
     if which == "triton":
-        _norm_partials_kernel[(table.n_chunks,)](table.table, table.chunks, partials, p,
-                                                 DTYPE=mt.tl_dtype(dtype), KIND=kind,
-                                                 CHUNK=table.chunk_size, BLOCK=_BLOCK)
+        _norm_partials_kernel[mt.launch_grid(table)](table.table, table.chunks, partials, p,
+                                                     DTYPE=mt.tl_dtype(dtype), KIND=kind,
+                                                     ALIGNED=table.aligned, CHUNK=table.chunk_size,
+                                                     BLOCK=_BLOCK, **mt.LAUNCH_OPTIONS)
     else:
         _ext.cuda_ext() if which == "cuda" else _ext.cpu_ext()
         torch.ops.fused_lm.multi_tensor_norm_partials_(table.table, table.chunks, table.chunk_size,
@@ -193,7 +205,7 @@ def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm:
     out = torch.empty(3, dtype=torch.float32, device=partials.device)
     if which == "triton":
         _norm_finalize_kernel[(1,)](partials, partials.numel(), out, p, float(max_norm), KIND=kind,
-                                    BLOCK=_FINAL_BLOCK)
+                                    BLOCK=_FINAL_BLOCK, **mt.LAUNCH_OPTIONS)
     else:
         torch.ops.fused_lm.multi_tensor_norm_finalize_(partials, out, kind, p, float(max_norm),
                                                        _ext.cuda_stream(partials.device))

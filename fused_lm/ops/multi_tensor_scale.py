@@ -34,19 +34,19 @@ if triton is not None:
 
     @triton.jit
     def _scale_kernel(table_ptr, chunks_ptr, scale_ptr, DTYPE: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per chunk: look up which tensor and which slice, then stream through it.
-        pid = tl.program_id(0)
-        tensor = tl.load(chunks_ptr + 2 * pid)
-        begin = tl.load(chunks_ptr + 2 * pid + 1)
-        x_ptr = tl.load(table_ptr + tensor * 3).to(tl.pointer_type(DTYPE))   # row: addr, numel, group
-        numel = tl.load(table_ptr + tensor * 3 + 1)
+                      ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per chunk: look up which tensor and which slice, then stream through it,
+        # full blocks unmasked, then the masked tail (ops/_multi_tensor.py: vector access).
+        _, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, 1, CHUNK)   # row: addr, numel, group
+        x_ptr = mt.list_ptr(row, 0, DTYPE, ALIGNED)
         s = tl.load(scale_ptr)
-        for i in range(0, CHUNK, BLOCK):
-            offs = begin + i + tl.arange(0, BLOCK)                          # int64: begin is int64
-            mask = offs < numel
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-            tl.store(x_ptr + offs, (x.to(tl.float32) * s).to(DTYPE), mask=mask)
+        n_full = (end - begin) // BLOCK * BLOCK
+        for phase in tl.static_range(2):
+            for i in range(0 if phase == 0 else n_full, n_full if phase == 0 else end - begin, BLOCK):
+                offs = begin + i + tl.arange(0, BLOCK)                      # int64: begin is int64
+                mask = offs < end
+                x = mt.load(x_ptr + offs, mask, phase == 1)
+                mt.store(x_ptr + offs, (x.to(tl.float32) * s).to(DTYPE), mask, phase == 1)
 
 
 # BLOCK 1024 elements x 16 iterations = one CHUNK per program. Not yet tuned on a GPU.
@@ -116,8 +116,9 @@ def _launch(which: str, dtype: torch.dtype, s: torch.Tensor, table: mt.TensorTab
     if table.n_chunks == 0:
         return
     if which == "triton":
-        _scale_kernel[(table.n_chunks,)](table.table, table.chunks, s, DTYPE=mt.tl_dtype(dtype),
-                                         CHUNK=table.chunk_size, BLOCK=_BLOCK)
+        _scale_kernel[mt.launch_grid(table)](table.table, table.chunks, s, DTYPE=mt.tl_dtype(dtype),
+                                             ALIGNED=table.aligned, CHUNK=table.chunk_size,
+                                             BLOCK=_BLOCK, **mt.LAUNCH_OPTIONS)
     else:
         torch.ops.fused_lm.multi_tensor_scale_(table.table, table.chunks, table.chunk_size, dtype,
                                                s, _ext.cuda_stream(s.device))

@@ -305,7 +305,7 @@ class TableCache:
             host = table.table if b.device.type == "cpu" else table._host[0]
             if addrs is None:   # [param addresses; grad addresses; numels], as collect() gives
                 addrs = host[:, [0, 1, table.lists]].t().contiguous()
-            step_table = oc.upload_int64([s.data_ptr() for s in b.lists["steps"]], b.device)
+            step_table = oc.step_table(b.lists["steps"], b.device)
         self._entries[b.key] = _TableEntry(plan_id, addrs, table, step_table, host)
         return table, step_table
 

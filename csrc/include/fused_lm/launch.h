@@ -24,4 +24,8 @@ const char* cuda_error_string(int code);
 // Number of elements one chunk covers; the Python table builder uses the same value.
 constexpr int64_t kDefaultChunk = 16384;
 
+// Blocks on grid.x of one launch (CUDA's limit; the multi-tensor kernels put one block per chunk
+// there, as the Triton launchers do: MAX_GRID_X in fused_lm/ops/_multi_tensor.py).
+constexpr int64_t kMaxGridX = 2147483647;
+
 }  // namespace flm

@@ -12,3 +12,19 @@
 #define FLM_DEVICE inline
 #define FLM_RESTRICT __restrict__
 #endif
+
+#include <cmath>
+
+namespace flm {
+
+// a * b + c rounded once (IEEE fused multiply-add) on the host and the device. The extensions are
+// built without implicit contraction (setup.py), so an FMA happens exactly where this is written.
+FLM_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+}  // namespace flm

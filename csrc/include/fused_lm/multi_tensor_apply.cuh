@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "dtypes.h"
+#include "launch.h"
 #include "tensor_table.h"
 
 namespace flm {
@@ -114,6 +115,7 @@ template <typename Op, typename... Ts>
 cudaError_t multi_tensor_apply(const TensorTable& table, int64_t n_chunks, const Op& op,
                                cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
+  if (n_chunks > kMaxGridX) return cudaErrorInvalidConfiguration;   // one block per chunk
   multi_tensor_apply_kernel<Op, Ts...>
       <<<static_cast<unsigned>(n_chunks), kBlockThreads, 0, stream>>>(table, op);
   return cudaGetLastError();

@@ -52,6 +52,13 @@ struct NormOp {
     else return a;
   }
 
+  // acc combined with term(x); the sum of squares as one fma (acc + x^2 rounded once, as the
+  // Triton kernel's tl.fma): the FMA the compilers used to contract here, now written down.
+  FLM_HD float accumulate(float acc, float x) const {
+    if constexpr (K == NormKind::kSumSq) return fma_rn(x, x, acc);
+    else return combine(acc, term(x));
+  }
+
   FLM_HD float combine(float a, float b) const {
     if constexpr (kIsSum) return a + b;
     else if constexpr (K == NormKind::kMaxAbs) return nan_max(a, b);

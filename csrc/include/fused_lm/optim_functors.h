@@ -11,6 +11,15 @@
 // Instantiations are kept few (compile time): templates over the storage types (param P, state S)
 // and the list layout (amsgrad, master weights); maximize is a sign in `hp`, stochastic rounding
 // a runtime flag. Supported (P, S): S in {float, bf16, P}; master weights only for 16-bit P.
+//
+// Same bits on every backend. The per-element math is written with explicit fma_rn where a fused
+// multiply-add is meant, and both extensions are built without contraction (setup.py: g++
+// -ffp-contract=off, nvcc --fmad=false), so GCC and nvcc cannot fuse differently; / and sqrtf
+// are IEEE-rounded on both (nvcc's default -prec-div/-prec-sqrt; vdivps/vsqrtps). The per-chunk
+// scalars (bias corrections, decay) are float64 with the same operations as the Triton kernels
+// (fused_lm/ops/_optim_common.py: pow_count, one_minus_product), which also use fma, div_rn and
+// sqrt_rn with contraction off: CPU C++, CUDA C++ and Triton (GPU or interpreter) agree bit for
+// bit on AdamW and Lion (tests/test_gpu_numerics.py checks CPU C++ against the interpreter).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -52,6 +61,28 @@ FLM_HD float stochastic_round_bf16(float x, uint32_t bits) {
   return bits_f32((u + (bits & 0xffffu)) & 0xffff0000u);
 }
 
+// base^n in float64 for the integer step count n = t (truncated, at most 2^30; 0 below 1 and for
+// NaN), by squaring: the multiplies of pow_count in fused_lm/ops/_optim_common.py, in the same
+// order, so 1 - beta^t has the same bits on every backend. (powf does not: CUDA's and glibc's
+// differ in the last bits, and 1 - beta^t cancels, beta2 = 0.999 at t = 1 by 1000x.)
+FLM_HD double pow_count(float base, float t) {
+  int n = t >= 1.0f ? static_cast<int>(t < 1073741824.0f ? t : 1073741824.0f) : 0;
+  double x = base;
+  double r = 1.0;
+  for (int i = 0; i < 31; ++i) {
+    if (n & 1) r *= x;
+    x *= x;
+    n >>= 1;
+  }
+  return r;
+}
+
+// float32(1 - a * b) computed in float64 (the product of two floats is exact there): the decay
+// factor 1 - lr * wd, as torch computes it in Python floats (twin: one_minus_product).
+FLM_HD float one_minus_product(float a, float b) {
+  return static_cast<float>(1.0 - static_cast<double>(a) * static_cast<double>(b));
+}
+
 template <typename P>
 FLM_HD float round_param(float p, bool sr, uint32_t key, int64_t index) {
   if constexpr (std::is_same<P, bf16>::value) {
@@ -89,7 +120,7 @@ struct AdamWOp {
 
   struct Ctx {
     bool skip;
-    float mult, decay, b1, b2, eps, step_size, sqrt_bc2;
+    float mult, decay, c1, c2, b2, eps, neg_step_size, sqrt_bc2;
     uint32_t key;
   };
 
@@ -98,14 +129,16 @@ struct AdamWOp {
     x.skip = *a.skip != 0.0f;
     const float* h = a.hp + c.group * kHpCols;
     const float lr = h[0];
-    x.b1 = h[1];
+    x.c1 = 1.0f - h[1];
+    x.c2 = 1.0f - h[2];
     x.b2 = h[2];
     x.eps = h[3];
-    x.decay = 1.0f - lr * h[4];
+    x.decay = one_minus_product(lr, h[4]);
     x.mult = *a.grad_mult * h[5];
     const float t = step_of(a, c.tensor);
-    x.step_size = lr / (1.0f - powf(x.b1, t));          // lr / bias_correction1
-    x.sqrt_bc2 = sqrtf(1.0f - powf(x.b2, t));
+    // -lr / bias_correction1 and sqrt(bias_correction2), float64, rounded once.
+    x.neg_step_size = static_cast<float>(-static_cast<double>(lr) / (1.0 - pow_count(h[1], t)));
+    x.sqrt_bc2 = static_cast<float>(sqrt(1.0 - pow_count(h[2], t)));
     x.key = a.sr ? sr_key(a.seed, t, c.tensor) : 0u;
     return x;
   }
@@ -115,15 +148,15 @@ struct AdamWOp {
     float p;
     if constexpr (kMaster) p = v[kMasterList]; else p = v[0];
     p *= x.decay;
-    const float m = v[2] + (1.0f - x.b1) * (g - v[2]);   // lerp(m, g, 1 - b1)
-    const float s = x.b2 * v[3] + (1.0f - x.b2) * g * g;
+    const float m = fma_rn(x.c1, g - v[2], v[2]);        // lerp(m, g, 1 - b1)
+    const float s = fma_rn(x.c2 * g, g, x.b2 * v[3]);    // b2 * v + (1 - b2) * g^2
     float vh = s;
     if constexpr (kAmsgrad) {
       const float vm = v[kVmax];
       vh = (s > vm || s != s) ? s : vm;                   // torch.maximum (NaN propagates)
       v[kVmax] = vh;
     }
-    p -= x.step_size * (m / (sqrtf(vh) / x.sqrt_bc2 + x.eps));
+    p = fma_rn(x.neg_step_size, m / (sqrtf(vh) / x.sqrt_bc2 + x.eps), p);
     v[2] = m;
     v[3] = s;
     if constexpr (kMaster) v[kMasterList] = p;
@@ -142,7 +175,7 @@ struct LionOp {
 
   struct Ctx {
     bool skip;
-    float mult, decay, lr, b1, b2;
+    float mult, decay, neg_lr, b1, b2, c1, c2;
     uint32_t key;
   };
 
@@ -150,10 +183,12 @@ struct LionOp {
     Ctx x;
     x.skip = *a.skip != 0.0f;
     const float* h = a.hp + c.group * kHpCols;
-    x.lr = h[0];
+    x.neg_lr = -h[0];
     x.b1 = h[1];
     x.b2 = h[2];
-    x.decay = 1.0f - x.lr * h[4];
+    x.c1 = 1.0f - h[1];
+    x.c2 = 1.0f - h[2];
+    x.decay = one_minus_product(h[0], h[4]);
     x.mult = *a.grad_mult * h[5];
     x.key = a.sr ? sr_key(a.seed, step_of(a, c.tensor), c.tensor) : 0u;
     return x;
@@ -163,10 +198,10 @@ struct LionOp {
     const float g = v[1] * x.mult;
     float p;
     if constexpr (kMaster) p = v[kMasterList]; else p = v[0];
-    const float c = x.b1 * v[2] + (1.0f - x.b1) * g;
-    const float sign = float(c > 0.0f) - float(c < 0.0f);
-    p = p * x.decay - x.lr * sign;
-    v[2] = x.b2 * v[2] + (1.0f - x.b2) * g;
+    const float c = fma_rn(x.c1, g, x.b1 * v[2]);
+    const float sign = float(c > 0.0f) - float(c < 0.0f);  // torch.sign: (0 < c) - (c < 0), NaN -> 0
+    p = fma_rn(x.neg_lr, sign, p * x.decay);              // lr * sign is exact
+    v[2] = fma_rn(x.c2, g, x.b2 * v[2]);
     if constexpr (kMaster) v[kMasterList] = p;
     v[0] = round_param<P>(p, a.sr, x.key, index);
   }

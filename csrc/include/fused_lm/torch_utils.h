@@ -31,6 +31,10 @@ inline LaunchTable launch_table(const at::Tensor& table, const at::Tensor& chunk
               chunks.scalar_type(), " ", chunks.sizes());
   TORCH_CHECK(table.device() == chunks.device(), "fused_lm: tables on different devices");
   TORCH_CHECK(chunk_size > 0, "fused_lm: chunk_size must be positive");
+  TORCH_CHECK(!table.is_cuda() || chunks.size(0) <= kMaxGridX, "fused_lm: ", chunks.size(0),
+              " chunks of ", chunk_size, " elements exceed the ", kMaxGridX,
+              " blocks of a CUDA launch grid; expected fewer elements per launch or a larger "
+              "chunk_size");
   return LaunchTable{table.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), lists,
                      chunks.size(0), chunk_size, reinterpret_cast<void*>(stream)};
 }
