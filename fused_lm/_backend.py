@@ -15,44 +15,59 @@ numerics.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 
 from fused_lm import _ext
+from fused_lm.ops._spec import KERNEL_DTYPES, FamilySpec
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "OPS", "select", "table", "forced", "unavailable_reason"]
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    backends: tuple[str, ...]            # implemented backends
-    gpu_default: str                     # default on CUDA tensors (see the measurement below)
-    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES  # dtypes the kernels take; others -> torch
-
-
-# GPU defaults: the backend the benchmarks measured fastest on a GPU, with the measurement.
-# No GPU measurement exists yet for these ops (no GPU session so far): the CUDA C++ kernel is the
-# default for the multi-tensor family because it issues 16-byte vector accesses with several
-# loads in flight per thread, which the Triton kernel (one program per chunk) cannot express.
-# Revisit with bench/results from `make gpu-check`.
-OPS: dict[str, OpSpec] = {
-    "multi_tensor_scale": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
-    # Optimizers (issue 4): same reasoning as multi_tensor_scale, not yet measured on a GPU.
-    "adamw": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
-    "lion": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
-    # Gradient clipping (issue 5): same reasoning as multi_tensor_scale, not yet measured.
-    "multi_tensor_norm": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
-    "multi_tensor_clamp": OpSpec(("cuda", "triton", "cpu", "torch"), gpu_default="cuda"),
-    # Losses (issue 6): Triton default on GPUs, not yet measured on a GPU.
-    "cross_entropy": OpSpec(("triton", "torch"), gpu_default="triton"),
-    "linear_cross_entropy": OpSpec(("triton", "torch"), gpu_default="triton"),
-    # Attention (issue 7): Triton default on GPUs, not yet measured (bench/bench_attention.py).
-    "attention": OpSpec(("triton", "torch"), gpu_default="triton"),
+# Where each op family's spec lives: ``SPEC`` in the module of its launchers (ops/_spec.py says
+# what a spec holds: backends, the GPU default and the measurement behind it, dtypes, lists).
+_FAMILY_MODULES = {
+    "multi_tensor_scale": "fused_lm.ops.multi_tensor_scale",
+    "multi_tensor_clamp": "fused_lm.ops.multi_tensor_clamp",
+    "multi_tensor_norm": "fused_lm.ops.multi_tensor_norm",
+    "adamw": "fused_lm.ops.adamw",
+    "lion": "fused_lm.ops.lion",
+    "cross_entropy": "fused_lm.ops.cross_entropy",
+    "linear_cross_entropy": "fused_lm.ops.linear_cross_entropy",
+    "attention": "fused_lm.ops.flash_attention",
 }
+
+
+class _Specs(Mapping):
+    """{op name: FamilySpec}, each read from its module on first use (a module imports its
+    kernels: nothing is compiled before an op is used)."""
+
+    def __init__(self, modules: dict[str, str]):
+        self._modules = modules
+        self._specs: dict[str, FamilySpec] = {}
+
+    def __getitem__(self, op: str) -> FamilySpec:
+        spec = self._specs.get(op)
+        if spec is None:
+            spec = importlib.import_module(self._modules[op]).SPEC
+            if spec.name != op:
+                raise RuntimeError(f"{self._modules[op]}.SPEC is named {spec.name!r}, not {op!r}")
+            self._specs[op] = spec
+        return spec
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+OPS: Mapping[str, FamilySpec] = _Specs(_FAMILY_MODULES)
 
 
 def interpreter_on() -> bool:
@@ -106,7 +121,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def _defaults(spec: OpSpec, device: torch.device) -> list[str]:
+def _defaults(spec: FamilySpec, device: torch.device) -> list[str]:
     if device.type == "cuda":
         order = [spec.gpu_default, "cuda", "triton", "torch"]
     elif device.type == "cpu":
@@ -123,7 +138,7 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     """Chooses the backend of ``op`` for tensors on ``device`` of ``dtype``."""
     try:
         spec = OPS[op]
-    except KeyError:
+    except KeyError:  # an unknown name (a known family's import errors propagate)
         raise KeyError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}") from None
     device = torch.device(device)
     kernel_dtype = dtype is None or dtype in spec.dtypes

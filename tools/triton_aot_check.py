@@ -163,14 +163,15 @@ def _v_adamw(m, quick):
 
     out = []
     for i, (p, s, ams, master, sr) in enumerate(_optim_combos(quick, (False, True))):
-        lists = 4 + ams + master
         label = f"p={p} s={s}" + " amsgrad" * ams + " master" * master + " sr" * sr
         for al in _alignments(quick, i == 0):
             for seed in (("i32", "i64") if not quick and sr and al else ("i32",)):
                 out.append(Variant(label + " aligned" * al + (f" seed:{seed}" if seed != "i32" else ""),
                                    dict(P_DTYPE=_tl(p), S_DTYPE=_tl(s), AMSGRAD=ams, MASTER=master,
-                                        SR=sr, ALIGNED=al, LISTS=lists, HP_COLS=oc.HP_COLS,
-                                        CHUNK=_chunk(), BLOCK=m._BLOCK), {"seed": seed},
+                                        SR=sr, ALIGNED=al, HP_COLS=oc.HP_COLS, CHUNK=_chunk(),
+                                        BLOCK=m._BLOCK,
+                                        **m.SPEC.offsets(amsgrad=ams, master=master)),
+                                   {"seed": seed},
                                    options=_mt_options()))
     return out
 
@@ -184,8 +185,9 @@ def _v_lion(m, quick):
         for al in _alignments(quick, i == 0):
             out.append(Variant(label + " aligned" * al,
                                dict(P_DTYPE=_tl(p), S_DTYPE=_tl(s), MASTER=master, SR=sr,
-                                    ALIGNED=al, LISTS=3 + master, HP_COLS=oc.HP_COLS,
-                                    CHUNK=_chunk(), BLOCK=m._BLOCK), {"seed": "i32"},
+                                    ALIGNED=al, HP_COLS=oc.HP_COLS, CHUNK=_chunk(),
+                                    BLOCK=m._BLOCK, **m.SPEC.offsets(master=master)),
+                               {"seed": "i32"},
                                options=_mt_options()))
     return out
 

@@ -1,8 +1,11 @@
 // Python module of the CPU extension fused_lm._C. The ops themselves are registered with
-// torch.library (TORCH_LIBRARY_FRAGMENT in each op family's file) and called as
+// torch.library (the schemas in fused_lm/schemas.h, defined here; TORCH_LIBRARY_IMPL in each op
+// family's file) and called as
 // torch.ops.fused_lm.<name>; this module reports how it was built and holds the host helpers
 // whose Python twin would cost microseconds per tensor (optim_addresses, multi_tensor_info).
 #include <torch/extension.h>
+
+#include "fused_lm/schemas.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -106,6 +109,11 @@ pybind11::object multi_tensor_info(const pybind11::list& tensors) {
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
 }
 }  // namespace
+
+// Every op's schema (schemas.h); the implementations register per file (TORCH_LIBRARY_IMPL).
+TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
+  for (const char* schema : flm::kSchemas) m.def(schema);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lm CPU kernels (OpenMP + SIMD)";

@@ -1,5 +1,5 @@
 // multi_tensor_clamp_ on the CPU: x = min(max(x, lo), hi) over a TensorTable (ClampOp from
-// norm_functors.h, the functor the CUDA kernel runs). Also defines the op schema.
+// norm_functors.h, the functor the CUDA kernel runs). Schema: fused_lm/schemas.h.
 #include "fused_lm/cpu_multi_tensor.h"
 #include "fused_lm/norm_functors.h"
 #include "fused_lm/torch_utils.h"
@@ -13,20 +13,12 @@ void multi_tensor_clamp_cpu(const at::Tensor& table, const at::Tensor& chunks, i
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, 0);
   const flm::TensorTable tt{lt.table, lt.chunks, 1, chunk_size};
   const flm::ClampOp op{static_cast<float>(lo), static_cast<float>(hi)};
-  switch (code) {
-    case flm::DType::kFloat32: flm::cpu_multi_tensor_apply<flm::ClampOp, float>(tt, lt.n_chunks, op); break;
-    case flm::DType::kBFloat16: flm::cpu_multi_tensor_apply<flm::ClampOp, flm::bf16>(tt, lt.n_chunks, op); break;
-    case flm::DType::kFloat16: flm::cpu_multi_tensor_apply<flm::ClampOp, flm::fp16>(tt, lt.n_chunks, op); break;
-  }
+  flm::dispatch_dtype(code, [&](auto t) {
+    flm::cpu_multi_tensor_apply<flm::ClampOp, decltype(t)>(tt, lt.n_chunks, op);
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
-  // Clamps in place the tensors (all of `dtype`) whose addresses the table holds
-  // (fused_lm/ops/_multi_tensor.py).
-  m.def("multi_tensor_clamp_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
-        "float lo, float hi, int stream) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fused_lm, CPU, m) { m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cpu); }

@@ -1,7 +1,6 @@
 // multi_tensor_norm on the CPU: the same two passes and NormOp as csrc/cuda/multi_tensor_norm.cu.
 // Partials: an OpenMP loop over chunks, each reduced to one float32 (SIMD reduction for the sum
-// kinds). Finalise: one loop over the partials. Also defines the op schemas (the CPU extension is
-// always built; _C_cuda adds the CUDA kernels).
+// kinds). Finalise: one loop over the partials. Schemas: fused_lm/schemas.h.
 #include "fused_lm/norm_functors.h"
 #include "fused_lm/tensor_table.h"
 #include "fused_lm/dtypes.h"
@@ -67,11 +66,9 @@ void norm_partials_cpu(const at::Tensor& table, const at::Tensor& chunks, int64_
   const flm::TensorTable tt{lt.table, lt.chunks, 1, chunk_size};
   float* out = partials.data_ptr<float>();
   const float pf = static_cast<float>(p);
-  switch (code) {
-    case flm::DType::kFloat32: partials_dispatch<float>(tt, lt.n_chunks, kind, pf, out); break;
-    case flm::DType::kBFloat16: partials_dispatch<flm::bf16>(tt, lt.n_chunks, kind, pf, out); break;
-    case flm::DType::kFloat16: partials_dispatch<flm::fp16>(tt, lt.n_chunks, kind, pf, out); break;
-  }
+  flm::dispatch_dtype(code, [&](auto t) {
+    partials_dispatch<decltype(t)>(tt, lt.n_chunks, kind, pf, out);
+  });
 }
 
 void norm_finalize_cpu(const at::Tensor& partials, const at::Tensor& out, int64_t kind, double p,
@@ -100,14 +97,6 @@ void norm_finalize_cpu(const at::Tensor& partials, const at::Tensor& out, int64_
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
-  // kind: 0 sum|x|, 1 sum x^2, 2 sum|x|^p, 3 max|x|, 4 min|x| (csrc/include/fused_lm/norm_functors.h)
-  // The table (fused_lm/ops/_multi_tensor.py) holds the addresses of the tensors, all of `dtype`.
-  m.def("multi_tensor_norm_partials_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
-        "Tensor(a!) partials, int kind, float p, int stream) -> ()");
-  m.def("multi_tensor_norm_finalize_(Tensor partials, Tensor(a!) out, int kind, float p, "
-        "float max_norm, int stream) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fused_lm, CPU, m) {
   m.impl("multi_tensor_norm_partials_", &norm_partials_cpu);

@@ -1,5 +1,5 @@
 // multi_tensor_scale_ on the CPU: x_i *= s over a TensorTable, ScaleOp from functors.h.
-// Also defines the op schema (the CPU extension is always built; _C_cuda adds a CUDA kernel).
+// Schema: fused_lm/schemas.h.
 #include "fused_lm/cpu_multi_tensor.h"
 #include "fused_lm/functors.h"
 #include "fused_lm/torch_utils.h"
@@ -14,20 +14,12 @@ void multi_tensor_scale_cpu(const at::Tensor& table, const at::Tensor& chunks, i
   const flm::LaunchTable lt = flm::launch_table(table, chunks, 1, chunk_size, 0);
   const flm::TensorTable tt{lt.table, lt.chunks, 1, chunk_size};
   const flm::ScaleOp op{scale.data_ptr<float>()};
-  switch (code) {
-    case flm::DType::kFloat32: flm::cpu_multi_tensor_apply<flm::ScaleOp, float>(tt, lt.n_chunks, op); break;
-    case flm::DType::kBFloat16: flm::cpu_multi_tensor_apply<flm::ScaleOp, flm::bf16>(tt, lt.n_chunks, op); break;
-    case flm::DType::kFloat16: flm::cpu_multi_tensor_apply<flm::ScaleOp, flm::fp16>(tt, lt.n_chunks, op); break;
-  }
+  flm::dispatch_dtype(code, [&](auto t) {
+    flm::cpu_multi_tensor_apply<flm::ScaleOp, decltype(t)>(tt, lt.n_chunks, op);
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
-  // Scales in place the tensors (all of `dtype`) whose addresses the table holds
-  // (fused_lm/ops/_multi_tensor.py).
-  m.def("multi_tensor_scale_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
-        "Tensor scale, int stream) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fused_lm, CPU, m) { m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu); }

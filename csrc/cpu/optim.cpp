@@ -1,7 +1,6 @@
 // AdamW and Lion on the CPU: the AdamWOp / LionOp functors of optim_functors.h (the very code the
 // CUDA kernels run) under cpu_multi_tensor_apply (OpenMP over chunks, SIMD over elements).
-// Also defines the schemas of both ops (the CPU extension is always built; _C_cuda adds CUDA
-// kernels). One call = the step increment of every tensor + the update of every tensor.
+// Schemas: fused_lm/schemas.h. One call = the step increment of every tensor + the update of every tensor.
 #include "fused_lm/cpu_multi_tensor.h"
 #include "fused_lm/optim_checks.h"
 #include "fused_lm/optim_functors.h"
@@ -70,21 +69,6 @@ void lion_cpu(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_s
 
 }  // namespace
 
-// No tensor lists: the kernels read every address from `table` (rows [addr_0..addr_{L-1}, numel,
-// group], L = n_lists) and the step counters through `step_table`, so a call costs the same
-// whatever the number of tensors. The tensors reached through the tables (params, moments,
-// master weights, step counters) are updated in place; the schema cannot name them, so these ops
-// are for eager use by fused_lm/optim (not traceable by torch.compile).
-TORCH_LIBRARY_FRAGMENT(fused_lm, m) {
-  m.def("multi_tensor_adamw_(Tensor table, Tensor chunks, int chunk_size, Tensor step_table, "
-        "Tensor hp, Tensor grad_mult, Tensor skip, int n_lists, ScalarType param_dtype, "
-        "ScalarType state_dtype, bool amsgrad, bool master, bool stochastic_rounding, int seed, "
-        "int stream) -> ()");
-  m.def("multi_tensor_lion_(Tensor table, Tensor chunks, int chunk_size, Tensor step_table, "
-        "Tensor hp, Tensor grad_mult, Tensor skip, int n_lists, ScalarType param_dtype, "
-        "ScalarType state_dtype, bool master, bool stochastic_rounding, int seed, "
-        "int stream) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fused_lm, CPU, m) {
   m.impl("multi_tensor_adamw_", &adamw_cpu);

@@ -1,6 +1,6 @@
 // multi_tensor_clamp_ on CUDA: x = min(max(x, lo), hi), one launch over a TensorTable
 // (ClampOp, norm_functors.h). Bytes moved: 2 * numel * sizeof(T) (read + write).
-#include "fused_lm/launch.h"
+#include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
 #include "fused_lm/norm_functors.h"
 
@@ -10,12 +10,11 @@ int launch_multi_tensor_clamp(const LaunchTable& lt, DType dtype, float lo, floa
   const TensorTable tt{lt.table, lt.chunks, lt.lists, lt.chunk_size};
   const ClampOp op{lo, hi};
   auto stream = static_cast<cudaStream_t>(lt.stream);
-  switch (dtype) {
-    case DType::kFloat32: return multi_tensor_apply<ClampOp, float>(tt, lt.n_chunks, op, stream);
-    case DType::kBFloat16: return multi_tensor_apply<ClampOp, bf16>(tt, lt.n_chunks, op, stream);
-    case DType::kFloat16: return multi_tensor_apply<ClampOp, fp16>(tt, lt.n_chunks, op, stream);
-  }
-  return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_dtype(dtype, [&](auto t) {
+    err = multi_tensor_apply<ClampOp, decltype(t)>(tt, lt.n_chunks, op, stream);
+  });
+  return err;
 }
 
 }  // namespace flm

@@ -9,7 +9,7 @@
 //
 // Bytes moved: numel * sizeof(T) read (+ 4 bytes per chunk of 16384 elements, negligible), so the
 // partials pass should run at the read bandwidth of the GPU.
-#include "fused_lm/launch.h"
+#include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
 #include "fused_lm/norm_functors.h"
 
@@ -119,12 +119,11 @@ int launch_multi_tensor_norm_partials(const LaunchTable& lt, DType dtype, int ki
   const TensorTable tt{lt.table, lt.chunks, lt.lists, lt.chunk_size};
   auto stream = static_cast<cudaStream_t>(lt.stream);
   const NormKind k = static_cast<NormKind>(kind);
-  switch (dtype) {
-    case DType::kFloat32: return launch_partials<float>(tt, lt.n_chunks, k, p, partials, stream);
-    case DType::kBFloat16: return launch_partials<bf16>(tt, lt.n_chunks, k, p, partials, stream);
-    case DType::kFloat16: return launch_partials<fp16>(tt, lt.n_chunks, k, p, partials, stream);
-  }
-  return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_dtype(dtype, [&](auto t) {
+    err = launch_partials<decltype(t)>(tt, lt.n_chunks, k, p, partials, stream);
+  });
+  return err;
 }
 
 int launch_multi_tensor_norm_finalize(const float* partials, int64_t n, int kind, float p,

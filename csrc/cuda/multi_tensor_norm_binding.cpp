@@ -1,13 +1,8 @@
 // CUDA implementations of fused_lm::multi_tensor_norm_partials_ and
-// fused_lm::multi_tensor_norm_finalize_ (schemas in csrc/cpu/multi_tensor_norm.cpp).
+// fused_lm::multi_tensor_norm_finalize_ (schemas: fused_lm/schemas.h).
+#include "fused_lm/launchers.h"
 #include "fused_lm/torch_utils.h"
 
-namespace flm {
-int launch_multi_tensor_norm_partials(const LaunchTable& lt, DType dtype, int kind, float p,
-                                      float* partials);
-int launch_multi_tensor_norm_finalize(const float* partials, int64_t n, int kind, float p,
-                                      float max_norm, float* out, void* stream);
-}
 
 namespace {
 

@@ -1,7 +1,7 @@
 // multi_tensor_scale_ on CUDA: x_i *= s, one launch over a TensorTable (ScaleOp, functors.h).
 // Bytes moved: 2 * numel * sizeof(T) (read + write).
 #include "fused_lm/functors.h"
-#include "fused_lm/launch.h"
+#include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
 
 namespace flm {
@@ -10,12 +10,11 @@ int launch_multi_tensor_scale(const LaunchTable& lt, DType dtype, const float* s
   const TensorTable tt{lt.table, lt.chunks, lt.lists, lt.chunk_size};
   const ScaleOp op{scale};
   auto stream = static_cast<cudaStream_t>(lt.stream);
-  switch (dtype) {
-    case DType::kFloat32: return multi_tensor_apply<ScaleOp, float>(tt, lt.n_chunks, op, stream);
-    case DType::kBFloat16: return multi_tensor_apply<ScaleOp, bf16>(tt, lt.n_chunks, op, stream);
-    case DType::kFloat16: return multi_tensor_apply<ScaleOp, fp16>(tt, lt.n_chunks, op, stream);
-  }
-  return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_dtype(dtype, [&](auto t) {
+    err = multi_tensor_apply<ScaleOp, decltype(t)>(tt, lt.n_chunks, op, stream);
+  });
+  return err;
 }
 
 }  // namespace flm

@@ -1,9 +1,7 @@
-// CUDA implementation of fused_lm::multi_tensor_scale_ (schema in csrc/cpu/multi_tensor_scale.cpp).
+// CUDA implementation of fused_lm::multi_tensor_scale_ (schema: fused_lm/schemas.h).
+#include "fused_lm/launchers.h"
 #include "fused_lm/torch_utils.h"
 
-namespace flm {
-int launch_multi_tensor_scale(const LaunchTable& lt, DType dtype, const float* scale);
-}
 
 namespace {
 

@@ -1,14 +1,8 @@
 // CUDA implementations of fused_lm::multi_tensor_adamw_ / multi_tensor_lion_ (schemas in
-// csrc/cpu/optim.cpp; they take the tables, not tensor lists). The kernels live in optim_*.cu,
+// fused_lm/schemas.h; they take the tables, not tensor lists). The kernels live in optim_*.cu,
 // compiled without torch headers.
+#include "fused_lm/launchers.h"
 #include "fused_lm/optim_checks.h"
-
-namespace flm {
-int launch_adamw(const LaunchTable& lt, DType param, DType state, bool amsgrad, bool master,
-                 const OptimArgs& args);
-int launch_lion(const LaunchTable& lt, DType param, DType state, bool amsgrad, bool master,
-                const OptimArgs& args);
-}  // namespace flm
 
 namespace {
 

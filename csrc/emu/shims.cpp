@@ -9,21 +9,8 @@
 // A new CUDA launcher gets one shim here and one entry in EMULATED_OPS of the test.
 #include <cstdint>
 
-#include "fused_lm/launch.h"
-#include "fused_lm/optim_functors.h"
-
-namespace flm {
-__attribute__((weak)) int launch_adamw(const LaunchTable&, DType, DType, bool, bool,
-                                       const OptimArgs&);
-__attribute__((weak)) int launch_lion(const LaunchTable&, DType, DType, bool, bool,
-                                      const OptimArgs&);
-__attribute__((weak)) int launch_multi_tensor_scale(const LaunchTable&, DType, const float*);
-__attribute__((weak)) int launch_multi_tensor_clamp(const LaunchTable&, DType, float, float);
-__attribute__((weak)) int launch_multi_tensor_norm_partials(const LaunchTable&, DType, int, float,
-                                                            float*);
-__attribute__((weak)) int launch_multi_tensor_norm_finalize(const float*, int64_t, int, float,
-                                                            float, float*, void*);
-}  // namespace flm
+#define FLM_LAUNCHER __attribute__((weak))
+#include "fused_lm/launchers.h"
 
 namespace {
 constexpr int kMissing = -1;

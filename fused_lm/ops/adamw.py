@@ -11,8 +11,8 @@ scalars in float64, rounded once to float32: ops/_optim_common.py):
     v_hat = max(v_max, v) if amsgrad else v    NaN-propagating, as torch.maximum
     p  = fma(-lr / (1 - b1^t), m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), p)
 
-Tensor table lists (ops/_multi_tensor.py): [param, grad, exp_avg, exp_avg_sq, (max_exp_avg_sq),
-(master_param)]. Per-group hyperparameters come from the device table ``hp``
+Tensor table lists (ops/_multi_tensor.py), in the order ``SPEC`` below gives: [param, grad,
+exp_avg, exp_avg_sq, (max_exp_avg_sq), (master_param)]. Per-group hyperparameters come from the device table ``hp``
 (ops/_optim_common.py), each tensor's step count through ``step_table``; ``grad_mult`` and ``skip``
 are float32 scalars in device memory (skip != 0: found_inf, leave everything untouched).
 
@@ -32,6 +32,19 @@ import torch
 from fused_lm import _ext
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops import _optim_common as oc
+from fused_lm.ops._spec import FamilySpec, TensorList
+
+SPEC = FamilySpec(
+    name="adamw", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
+    gpu_default_why=("not yet measured on a GPU: the CUDA C++ kernel issues 16-byte vector "
+                     "accesses with several loads in flight per thread, which one Triton program "
+                     "per chunk does not express; revisit with bench/results of make gpu-check"),
+    reference="fused_lm.reference.optim:adamw_step",
+    lists=(TensorList("params", "param"), TensorList("grads", "param"),
+           TensorList("exp_avgs", "state"), TensorList("exp_avg_sqs", "state"),
+           TensorList("max_exp_avg_sqs", "state", "amsgrad"),
+           TensorList("masters", "float32", "master")),
+    flags=("amsgrad", "master"))
 
 try:
     import triton
@@ -46,7 +59,8 @@ if triton is not None:
     def _adamw_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                       MASTER: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr,
-                      LISTS: tl.constexpr, HP_COLS: tl.constexpr, CHUNK: tl.constexpr,
+                      LISTS: tl.constexpr, MAX_EXP_AVG_SQS_ROW: tl.constexpr,
+                      MASTERS_ROW: tl.constexpr, HP_COLS: tl.constexpr, CHUNK: tl.constexpr,
                       BLOCK: tl.constexpr):
         # One program per chunk of CHUNK elements of one tensor.
         tensor, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, LISTS, CHUNK)
@@ -55,9 +69,9 @@ if triton is not None:
         m_ptr = mt.list_ptr(row, 2, S_DTYPE, ALIGNED)
         v_ptr = mt.list_ptr(row, 3, S_DTYPE, ALIGNED)
         if AMSGRAD:
-            vmax_ptr = mt.list_ptr(row, 4, S_DTYPE, ALIGNED)
+            vmax_ptr = mt.list_ptr(row, MAX_EXP_AVG_SQS_ROW, S_DTYPE, ALIGNED)
         if MASTER:
-            w_ptr = mt.list_ptr(row, 4 + AMSGRAD, tl.float32, ALIGNED)
+            w_ptr = mt.list_ptr(row, MASTERS_ROW, tl.float32, ALIGNED)
         group = tl.load(row + LISTS + 1)
 
         hp = hp_ptr + group * HP_COLS
@@ -135,10 +149,15 @@ def adamw_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tens
     if table.n_chunks == 0:
         return
     sr = bool(sr and param_dtype == torch.bfloat16)
+    offsets = SPEC.offsets(amsgrad=amsgrad, master=master)
+    if table.lists != offsets["LISTS"]:
+        raise ValueError(f"adamw: the table has {table.lists} lists; amsgrad={amsgrad}, "
+                         f"master={master} needs {offsets['LISTS']} (SPEC.layout)")
     _adamw_kernel[mt.launch_grid(table)](
         table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
         P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), AMSGRAD=amsgrad,
-        MASTER=master, SR=sr, ALIGNED=table.aligned, LISTS=table.lists, HP_COLS=oc.HP_COLS,
+        MASTER=master, SR=sr, ALIGNED=table.aligned, HP_COLS=oc.HP_COLS,
+        **offsets,
         CHUNK=table.chunk_size, BLOCK=_BLOCK, **mt.LAUNCH_OPTIONS)
 
 

@@ -41,6 +41,12 @@ from typing import Optional
 import torch
 
 from fused_lm import _backend
+from fused_lm.ops._spec import FamilySpec
+
+SPEC = FamilySpec(
+    name="cross_entropy", backends=("triton", "torch"), gpu_default="triton",
+    gpu_default_why="the only kernel backend (no C++ kernel); not yet measured on a GPU",
+    reference="fused_lm.reference.cross_entropy:cross_entropy")
 
 try:
     import triton

@@ -58,6 +58,13 @@ from typing import Optional
 import torch
 
 from fused_lm import _backend
+from fused_lm.ops._spec import FamilySpec
+
+SPEC = FamilySpec(
+    name="attention", backends=("triton", "torch"), gpu_default="triton",
+    gpu_default_why="the only kernel backend (no C++ kernel); not yet measured on a GPU "
+                    "(bench/bench_attention.py)",
+    reference="fused_lm.reference.attention:attention")
 
 try:
     import triton

@@ -33,6 +33,12 @@ from typing import Optional
 import torch
 
 from fused_lm import _backend
+from fused_lm.ops._spec import FamilySpec
+
+SPEC = FamilySpec(
+    name="linear_cross_entropy", backends=("triton", "torch"), gpu_default="triton",
+    gpu_default_why="the only kernel backend (no C++ kernel); not yet measured on a GPU",
+    reference="fused_lm.reference.cross_entropy:linear_cross_entropy")
 from fused_lm.ops import cross_entropy as _ce
 
 _DEFAULT_BUDGET_MB = 256

@@ -9,7 +9,7 @@ rounding; 1 - lr * wd computed in float64 and rounded once, see ops/_optim_commo
     p = fma(-lr, sign(c), p * (1 - lr * wd))   (lr * sign(c) is exact)
     m = fma(1 - b2, g, b2 * m)                 b2 * m + (1 - b2) * g
 
-Tensor table lists: [param, grad, exp_avg, (master_param)]; hyperparameters from the device table
+Tensor table lists, in the order ``SPEC`` below gives: [param, grad, exp_avg, (master_param)]; hyperparameters from the device table
 ``hp`` (eps unused), step counts through ``step_table`` (Lion has no bias correction; the count is
 kept for torch's state layout and keys the random bits of stochastic rounding).
 
@@ -23,6 +23,15 @@ import torch
 from fused_lm import _ext
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops import _optim_common as oc
+from fused_lm.ops._spec import FamilySpec, TensorList
+
+SPEC = FamilySpec(
+    name="lion", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
+    gpu_default_why="not yet measured on a GPU: as AdamW (fused_lm/ops/adamw.py SPEC)",
+    reference="fused_lm.reference.optim:lion_step",
+    lists=(TensorList("params", "param"), TensorList("grads", "param"),
+           TensorList("exp_avgs", "state"), TensorList("masters", "float32", "master")),
+    flags=("master",))
 
 try:
     import triton
@@ -37,13 +46,14 @@ if triton is not None:
     def _lion_kernel(table_ptr, chunks_ptr, step_table_ptr, hp_ptr, mult_ptr, skip_ptr, seed,
                      P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr,
                      SR: tl.constexpr, ALIGNED: tl.constexpr, LISTS: tl.constexpr,
+                     MASTERS_ROW: tl.constexpr,
                      HP_COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         tensor, row, begin, end = mt.chunk_of(table_ptr, chunks_ptr, LISTS, CHUNK)
         p_ptr = mt.list_ptr(row, 0, P_DTYPE, ALIGNED)
         g_ptr = mt.list_ptr(row, 1, P_DTYPE, ALIGNED)
         m_ptr = mt.list_ptr(row, 2, S_DTYPE, ALIGNED)
         if MASTER:
-            w_ptr = mt.list_ptr(row, 3, tl.float32, ALIGNED)
+            w_ptr = mt.list_ptr(row, MASTERS_ROW, tl.float32, ALIGNED)
         group = tl.load(row + LISTS + 1)
 
         hp = hp_ptr + group * HP_COLS
@@ -98,10 +108,15 @@ def lion_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tenso
     if table.n_chunks == 0:
         return
     sr = bool(sr and param_dtype == torch.bfloat16)
+    offsets = SPEC.offsets(master=master)
+    if table.lists != offsets["LISTS"]:
+        raise ValueError(f"lion: the table has {table.lists} lists; master={master} needs "
+                         f"{offsets['LISTS']} (SPEC.layout)")
     _lion_kernel[mt.launch_grid(table)](
         table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
         P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), MASTER=master, SR=sr,
-        ALIGNED=table.aligned, LISTS=table.lists, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size,
+        ALIGNED=table.aligned, HP_COLS=oc.HP_COLS, CHUNK=table.chunk_size,
+        **offsets,
         BLOCK=_BLOCK, **mt.LAUNCH_OPTIONS)
 
 

@@ -42,11 +42,13 @@ _SEED_KEY = "sr_seed"   # saved in every param group of state_dict(): resumed ru
 
 
 class _MultiTensorOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set ``_OP`` (the _backend op name), ``_MOMENTS`` (state keys of the
+    """Base class: subclasses set ``_SPEC`` (the family's ops/_spec.py spec: list order, backends)
+    and ``_OP`` (its name, what _backend selects by), ``_MOMENTS`` (state keys of the
     moments, in table order) and ``_KERNELS`` (triton, compiled and torch launchers), and
     implement ``_hp_row`` and ``_uses_amsgrad``."""
 
     _step_supports_amp_scaling = True
+    _SPEC = None
     _OP: str = ""
     _MOMENTS: tuple[str, ...] = ()
     _KERNELS: dict = {}
@@ -434,7 +436,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         states = [self._ensure_state(p, self.param_groups[gi]) for gi, p, _g, _ in items]
         self._plan_id += 1
         self._plan = plan = _plan.build_plan(
-            items, states, self._MOMENTS, self._uses_amsgrad,
+            items, states, self._SPEC, self._MOMENTS, self._uses_amsgrad,
             lambda device, dtype: selected[(device, dtype)], key=self._plan_key(),
             param_groups=self.param_groups, plan_id=self._plan_id)
         return plan, [None] * len(plan.buckets)

@@ -101,10 +101,11 @@ class Bucket:
     """The tensors of one launch pair: per-tensor lists by name (``LIST_NAMES``), the param group
     and flat position of each tensor, and the parameters themselves (DTensor, not shards)."""
 
-    __slots__ = ("key", "lists", "groups", "pos", "params", "plain")
+    __slots__ = ("key", "layout", "lists", "groups", "pos", "params", "plain")
 
-    def __init__(self, key: BucketKey):
+    def __init__(self, key: BucketKey, layout: tuple[str, ...]):
         self.key = key
+        self.layout = layout   # the kernels' list order (the family's SPEC.layout)
         self.lists: dict[str, list] = {k: [] for k in LIST_NAMES}
         self.groups: list[int] = []
         self.pos: list[int] = []
@@ -149,20 +150,11 @@ class Bucket:
         return addrs
 
     def kernel_lists(self) -> list[list[torch.Tensor]]:
-        """The lists in the kernels' order: params, grads, exp_avgs[, exp_avg_sqs][,
-        max_exp_avg_sqs][, masters] (the Triton kernels' row offsets and the C++ functors'
-        list indices follow it)."""
-        L = self.lists
-        if not L["grads"]:
-            L["grads"] = [kview(p.grad) for p in self.params]
-        lists = [L["params"], L["grads"], L["exp_avgs"]]
-        if L["exp_avg_sqs"]:
-            lists.append(L["exp_avg_sqs"])
-        if self.amsgrad:
-            lists.append(L["max_exp_avg_sqs"])
-        if self.master:
-            lists.append(L["masters"])
-        return lists
+        """The lists in the kernels' order, ``layout`` (from the family's SPEC, which the Triton
+        kernels' row offsets and the C++ functors' list indices follow too)."""
+        if not self.lists["grads"]:
+            self.lists["grads"] = [kview(p.grad) for p in self.params]
+        return [self.lists[name] for name in self.layout]
 
 
 @dataclasses.dataclass
@@ -202,10 +194,11 @@ class StepPlan:
             b.lists["grads"] = []
 
 
-def build_plan(items, states, moments: tuple[str, ...], amsgrad_of, backend_of, *, key: tuple,
-               param_groups: list[dict], plan_id: int) -> StepPlan:
+def build_plan(items, states, spec, moments: tuple[str, ...], amsgrad_of, backend_of, *,
+               key: tuple, param_groups: list[dict], plan_id: int) -> StepPlan:
     """The plan of ``items`` ((group index, param, grad, flat position) of every parameter with a
-    gradient, validated) whose state already exists (``states[i]`` of ``items[i]``).
+    gradient, validated) whose state already exists (``states[i]`` of ``items[i]``), for the
+    family ``spec`` (ops/_spec.py: the order of the kernels' lists).
     ``backend_of(device, dtype)`` is the backend chosen for the kernels; parameters they cannot
     take (non-contiguous layouts, dtype pairs outside ``KERNEL_PAIRS``) take the torch path in
     buckets of their own. Changes nothing."""
@@ -228,7 +221,8 @@ def build_plan(items, states, moments: tuple[str, ...], amsgrad_of, backend_of, 
         bkey = BucketKey(backend, lp.device, pdt, sdt, amsgrad, master is not None)
         b = buckets.get(bkey)
         if b is None:
-            b = buckets[bkey] = Bucket(bkey)
+            layout = spec.layout(**spec.pick(amsgrad=amsgrad, master=master is not None))
+            b = buckets[bkey] = Bucket(bkey, layout)
         L = b.lists
         L["params"].append(lp)
         L["grads"].append(lg)

@@ -56,7 +56,8 @@ class AdamW(_MultiTensorOptimizer):
     Complex parameters are updated as their real views, like torch's.
     """
 
-    _OP = "adamw"
+    _SPEC = _ops.SPEC
+    _OP = _ops.SPEC.name
     _MOMENTS = ("exp_avg", "exp_avg_sq")
     _KERNELS = {"triton": _ops.adamw_triton, "compiled": _ops.adamw_compiled,
                 "torch": _ops.adamw_torch}

@@ -31,7 +31,8 @@ class Lion(_MultiTensorOptimizer):
     ``sgn`` differ, so there is no single right answer.
     """
 
-    _OP = "lion"
+    _SPEC = _ops.SPEC
+    _OP = _ops.SPEC.name
     _MOMENTS = ("exp_avg",)
     _KERNELS = {"triton": _ops.lion_triton, "compiled": _ops.lion_compiled,
                 "torch": _ops.lion_torch}

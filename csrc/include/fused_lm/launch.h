@@ -5,9 +5,23 @@
 #pragma once
 #include <cstdint>
 
+#include "dtypes.h"
+
 namespace flm {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// The one dtype dispatch: calls f(T{}) with T the storage type of `d` (float, bf16, fp16); false
+// for a value outside the enum (the torch bindings only make valid ones: dtype_code).
+template <typename F>
+bool dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: f(float{}); return true;
+    case DType::kBFloat16: f(bf16{}); return true;
+    case DType::kFloat16: f(fp16{}); return true;
+  }
+  return false;
+}
 
 struct LaunchTable {
   const int64_t* table;   // device pointer, (n_tensors, lists + 2), see tensor_table.h

@@ -35,10 +35,9 @@ inline OptimArgs optim_args(const at::Tensor& table, const at::Tensor& step_tabl
                    static_cast<uint32_t>(seed & 0xffffffff), sr};
 }
 
-// The number of table lists of a bucket: AdamW [param, grad, exp_avg, exp_avg_sq,
-// (max_exp_avg_sq), (master)], Lion [param, grad, exp_avg, (master)].
+// The number of table lists of a bucket (the family specs' layouts, lists.h).
 inline int64_t expected_lists(bool adamw, bool amsgrad, bool master) {
-  return (adamw ? 4 : 3) + (adamw && amsgrad ? 1 : 0) + (master ? 1 : 0);
+  return adamw ? lists::adamw::count(amsgrad, master) : lists::lion::count(master);
 }
 
 inline void check_optim_lists(const char* name, int64_t n_lists, bool adamw, bool amsgrad,

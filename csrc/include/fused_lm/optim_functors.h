@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "dtypes.h"
+#include "lists.h"
 #include "launch.h"
 #include "macros.h"
 #include "tensor_table.h"
@@ -111,11 +112,15 @@ FLM_HD float step_of(const OptimArgs& a, int64_t tensor) {
 // [master (float)]. With a master copy the update applies to it and the param is its rounding.
 template <typename P, typename S, bool kAmsgrad, bool kMaster>
 struct AdamWOp {
-  static constexpr int kVmax = 4;
-  static constexpr int kMasterList = 4 + (kAmsgrad ? 1 : 0);
-  static constexpr int kLists = 4 + (kAmsgrad ? 1 : 0) + (kMaster ? 1 : 0);
-  static constexpr unsigned kWriteMask =
-      1u | 4u | 8u | (kAmsgrad ? 1u << kVmax : 0u) | (kMaster ? 1u << kMasterList : 0u);
+  // List positions from the family spec (lists.h, generated from fused_lm/ops/adamw.py SPEC).
+  static constexpr int kP = lists::adamw::kParams, kG = lists::adamw::kGrads;
+  static constexpr int kM = lists::adamw::kExpAvgs, kV = lists::adamw::kExpAvgSqs;
+  static constexpr int kVmax = lists::adamw::max_exp_avg_sqs(kAmsgrad, kMaster);
+  static constexpr int kMasterList = lists::adamw::masters(kAmsgrad, kMaster);
+  static constexpr int kLists = lists::adamw::count(kAmsgrad, kMaster);
+  static constexpr unsigned kWriteMask = (1u << kP) | (1u << kM) | (1u << kV) |
+                                         (kAmsgrad ? 1u << kVmax : 0u) |
+                                         (kMaster ? 1u << kMasterList : 0u);
   OptimArgs a;
 
   struct Ctx {
@@ -144,12 +149,12 @@ struct AdamWOp {
   }
 
   FLM_HD void operator()(const Ctx& x, float* v, int64_t index) const {
-    const float g = v[1] * x.mult;
+    const float g = v[kG] * x.mult;
     float p;
-    if constexpr (kMaster) p = v[kMasterList]; else p = v[0];
+    if constexpr (kMaster) p = v[kMasterList]; else p = v[kP];
     p *= x.decay;
-    const float m = fma_rn(x.c1, g - v[2], v[2]);        // lerp(m, g, 1 - b1)
-    const float s = fma_rn(x.c2 * g, g, x.b2 * v[3]);    // b2 * v + (1 - b2) * g^2
+    const float m = fma_rn(x.c1, g - v[kM], v[kM]);      // lerp(m, g, 1 - b1)
+    const float s = fma_rn(x.c2 * g, g, x.b2 * v[kV]);   // b2 * v + (1 - b2) * g^2
     float vh = s;
     if constexpr (kAmsgrad) {
       const float vm = v[kVmax];
@@ -157,10 +162,10 @@ struct AdamWOp {
       v[kVmax] = vh;
     }
     p = fma_rn(x.neg_step_size, m / (sqrtf(vh) / x.sqrt_bc2 + x.eps), p);
-    v[2] = m;
-    v[3] = s;
+    v[kM] = m;
+    v[kV] = s;
     if constexpr (kMaster) v[kMasterList] = p;
-    v[0] = round_param<P>(p, a.sr, x.key, index);
+    v[kP] = round_param<P>(p, a.sr, x.key, index);
   }
 };
 
@@ -168,9 +173,12 @@ struct AdamWOp {
 // lists: 0 param (P), 1 grad (P), 2 exp_avg (S), [master (float)].
 template <typename P, typename S, bool kMaster>
 struct LionOp {
-  static constexpr int kMasterList = 3;
-  static constexpr int kLists = 3 + (kMaster ? 1 : 0);
-  static constexpr unsigned kWriteMask = 1u | 4u | (kMaster ? 8u : 0u);
+  static constexpr int kP = lists::lion::kParams, kG = lists::lion::kGrads;
+  static constexpr int kM = lists::lion::kExpAvgs;
+  static constexpr int kMasterList = lists::lion::masters(kMaster);
+  static constexpr int kLists = lists::lion::count(kMaster);
+  static constexpr unsigned kWriteMask =
+      (1u << kP) | (1u << kM) | (kMaster ? 1u << kMasterList : 0u);
   OptimArgs a;
 
   struct Ctx {
@@ -195,15 +203,15 @@ struct LionOp {
   }
 
   FLM_HD void operator()(const Ctx& x, float* v, int64_t index) const {
-    const float g = v[1] * x.mult;
+    const float g = v[kG] * x.mult;
     float p;
-    if constexpr (kMaster) p = v[kMasterList]; else p = v[0];
-    const float c = fma_rn(x.c1, g, x.b1 * v[2]);
+    if constexpr (kMaster) p = v[kMasterList]; else p = v[kP];
+    const float c = fma_rn(x.c1, g, x.b1 * v[kM]);
     const float sign = float(c > 0.0f) - float(c < 0.0f);  // torch.sign: (0 < c) - (c < 0), NaN -> 0
     p = fma_rn(x.neg_lr, sign, p * x.decay);              // lr * sign is exact
-    v[2] = fma_rn(x.c2, g, x.b2 * v[2]);
+    v[kM] = fma_rn(x.c2, g, x.b2 * v[kM]);
     if constexpr (kMaster) v[kMasterList] = p;
-    v[0] = round_param<P>(p, a.sr, x.key, index);
+    v[kP] = round_param<P>(p, a.sr, x.key, index);
   }
 };
 
@@ -259,27 +267,30 @@ struct LionFamily {
   static bool flags(bool amsgrad, bool master, F&& f) { return lion_flags<P, S>(amsgrad, master, f); }
 };
 
+// The state dtypes of param dtype P: float32, bf16 or P itself. (A helper, not a second generic
+// lambda nested in optim_dispatch's: g++ 12 evaluated is_same<S, P> as false there for
+// P = S = fp16 and dropped that pair; tests/test_cuda_emulated.py caught it.)
 template <typename Family, typename P, typename F>
 bool optim_by_state(DType s, bool amsgrad, bool master, F&& f) {
-  switch (s) {
-    case DType::kFloat32: return Family::template flags<P, float>(amsgrad, master, f);
-    case DType::kBFloat16: return Family::template flags<P, bf16>(amsgrad, master, f);
-    case DType::kFloat16:
-      if constexpr (std::is_same<P, fp16>::value) return Family::template flags<P, fp16>(amsgrad, master, f);
-      return false;
-  }
-  return false;
+  bool ok = false;
+  dispatch_dtype(s, [&](auto st) {
+    using S = decltype(st);
+    if constexpr (std::is_same<S, float>::value || std::is_same<S, bf16>::value ||
+                  std::is_same<S, P>::value) {
+      ok = Family::template flags<P, S>(amsgrad, master, f);
+    }
+  });
+  return ok;
 }
 
 // Dispatches (param dtype, state dtype, amsgrad, master) to f(Tag{}); false when unsupported.
 template <typename Family, typename F>
 bool optim_dispatch(DType p, DType s, bool amsgrad, bool master, F&& f) {
-  switch (p) {
-    case DType::kFloat32: return optim_by_state<Family, float>(s, amsgrad, master, f);
-    case DType::kBFloat16: return optim_by_state<Family, bf16>(s, amsgrad, master, f);
-    case DType::kFloat16: return optim_by_state<Family, fp16>(s, amsgrad, master, f);
-  }
-  return false;
+  bool ok = false;
+  dispatch_dtype(p, [&](auto pt) {
+    ok = optim_by_state<Family, decltype(pt)>(s, amsgrad, master, f);
+  });
+  return ok;
 }
 
 }  // namespace flm

@@ -1,0 +1,112 @@
+"""The op-family specs (fused_lm/ops/_spec.py): one description of each family that the backend
+choice, the optimizer engine, the Triton launches, the AOT check and the C++ functors all read."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fused_lm import _backend
+from fused_lm.ops import _spec
+from fused_lm.ops._spec import FamilySpec, TensorList
+
+
+def test_cpp_header_is_generated_from_the_specs():
+    """csrc/include/fused_lm/lists.h is what `python -m fused_lm.ops._spec` writes today."""
+    want = _spec.render_header(_spec.header_specs())
+    assert _spec.HEADER.read_text() == want, "stale lists.h: run python -m fused_lm.ops._spec"
+    assert _spec.main(["--check"]) == 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to compile the header")
+def test_cpp_header_values_equal_the_python_layouts(tmp_path):
+    """The C++ compiler agrees with the specs on every list index of every variant (a
+    static_assert per index, so a wrong header does not compile)."""
+    lines = ['#include "fused_lm/lists.h"']
+    for spec in _spec.header_specs():
+        for flags in spec.variants():
+            args = ", ".join("true" if flags[f] else "false" for f in spec.flags)
+            ns = f"flm::lists::{spec.name}"
+            lines.append(f"static_assert({ns}::count({args}) == {spec.n_lists(**flags)});")
+            for lst in spec.lists:
+                want = spec.index(lst.name, **flags) if lst.name in spec.layout(**flags) else -1
+                if lst.flag:
+                    got = f"{ns}::{lst.name}({args})"
+                else:
+                    got = f"{ns}::k{_spec._camel(lst.name)}"
+                lines.append(f"static_assert({got} == {want}, \"{spec.name} {lst.name} {flags}\");")
+    src = tmp_path / "check.cpp"
+    src.write_text("\n".join(lines) + "\n")
+    include = _spec.HEADER.parents[1]
+    proc = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                           f"-I{include}", str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_op_has_a_consistent_spec():
+    for op, spec in _backend.OPS.items():
+        assert spec.name == op
+        assert spec.gpu_default in spec.backends and set(spec.backends) <= set(_backend.BACKENDS)
+        assert "torch" in spec.backends, f"{op}: every family keeps a torch path"
+        assert spec.gpu_default_why, f"{op}: say why the GPU default is what it is"
+        assert callable(spec.reference_fn()), f"{op}: reference {spec.reference}"
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_engine_tables_follow_the_spec_layout(name):
+    """The optimizer engine builds its tables in SPEC.layout order: each list of the table holds
+    the state tensor the layout names (checked by address, every variant the dtype allows)."""
+    from fused_lm.optim import AdamW, Lion
+
+    spec = _backend.OPS[name]
+    state_key = {"params": None, "grads": "grad", "exp_avgs": "exp_avg",
+                 "exp_avg_sqs": "exp_avg_sq", "max_exp_avg_sqs": "max_exp_avg_sq",
+                 "masters": "master_param"}
+    for flags in spec.variants():
+        dtype = torch.bfloat16 if flags.get("master") else torch.float32
+        p = torch.nn.Parameter(torch.randn(37, dtype=dtype))
+        p.grad = torch.randn_like(p)
+        kw = dict(master_weights=flags.get("master", False))
+        opt = (AdamW([p], amsgrad=flags.get("amsgrad", False), **kw) if name == "adamw"
+               else Lion([p], **kw))
+        opt.step()
+        (bucket,) = opt._plan.buckets
+        assert bucket.layout == spec.layout(**flags)
+        lists = bucket.kernel_lists()
+        assert len(lists) == spec.n_lists(**flags)
+        for list_name, tensors in zip(spec.layout(**flags), lists):
+            key = state_key[list_name]
+            want = p if key is None else (p.grad if key == "grad" else opt.state[p][key])
+            assert tensors[0].data_ptr() == want.data_ptr(), (name, flags, list_name)
+
+
+def test_triton_kernels_take_the_spec_offsets():
+    """The optimizer kernels name every constexpr that SPEC.offsets passes (a renamed list in the
+    spec must rename the kernel's parameter, or the launch fails here, not on a GPU)."""
+    pytest.importorskip("triton")
+    from fused_lm.ops import adamw, lion
+
+    for mod, kernel in ((adamw, "_adamw_kernel"), (lion, "_lion_kernel")):
+        names = set(getattr(mod, kernel).arg_names)
+        for flags in mod.SPEC.variants():
+            assert set(mod.SPEC.offsets(**flags)) <= names
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="after an optional"):
+        FamilySpec("f", ("torch",), "torch", "why", "m:f", flags=("a",),
+                   lists=(TensorList("x", "param"), TensorList("y", "state", "a"),
+                          TensorList("z", "param")))
+    with pytest.raises(ValueError, match="needs flag"):
+        FamilySpec("f", ("torch",), "torch", "why", "m:f",
+                   lists=(TensorList("y", "state", "a"),))
+    spec = _backend.OPS["adamw"]
+    with pytest.raises(ValueError, match="unknown flags"):
+        spec.layout(amsgrad=True, nesterov=True)
+    with pytest.raises(ValueError, match="no list"):
+        spec.index("max_exp_avg_sqs", amsgrad=False, master=False)
+    assert spec.offsets(amsgrad=False, master=True) == {
+        "LISTS": 5, "MAX_EXP_AVG_SQS_ROW": -1, "MASTERS_ROW": 4}
