@@ -25,8 +25,9 @@ bottom-right alignment offset ``off = Lk - Lq`` (flash-attn >= 2.1; causal == wi
 A query row that sees no key (possible with Nq > Nk causal, windows or an all-masked bias row)
 outputs 0 and lse = -inf.
 
-Forward (Dao, FlashAttention-2, 2023): one program per (query block, batch x head), online
-softmax in base 2 (s is pre-multiplied by log2(e)), fp32 accumulators, lse saved in float32.
+Forward (Dao, FlashAttention-2, 2023): one program per (batch x head, query block) on a 1-D
+grid (see _locate), online softmax in base 2 (s is pre-multiplied by log2(e)), fp32
+accumulators, lse saved in float32.
 
 Backward, with dO given and delta = rowsum(dO * O) (preprocess kernel):
 
@@ -45,15 +46,21 @@ backward 2.5x the forward (five matmuls, one of them the recomputation of q k^T)
 Blocks: every loop visits masked blocks (boundaries of the sequence, the causal diagonal, the
 window edges) with the mask and the fully visible blocks without it.
 
+Head dims: any D in [1, 256]; tiles are BLOCK_D = the next power of two >= 16 wide, with
+masked loads and stores on the head dim (EVEN_D skips that mask when D is a power of two).
+Addressing: batch, head and sequence starts are int64; rows inside a sequence are int32 unless
+a sequence spans more than 2**31 elements (ROW64). fp32 inputs: products at ``input_precision``
+(see _mm; the interpreter emulates TF32 by rounding the operands).
+
 Work without a GPU: the same kernels run under the Triton interpreter on CPU tensors (tests).
-No libdevice: tanh(x) = 2 * sigmoid(2x) - 1.
+No libdevice: tanh is fused_lm/ops/_tl_math.py's, from core tl operations.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -65,7 +72,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 _LOG2E = 1.4426950408889634
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -81,38 +88,53 @@ def checked_mode() -> bool:
 
 if triton is not None:
 
+    from fused_lm.ops._tl_math import tanh as _tanh
+
     # Set once at import: TRITON_INTERPRET must be set before triton is imported anyway.
     _INTERPRETED = tl.constexpr(_backend.interpreter_on())
 
     @triton.jit
-    def _mm(a, b, acc):
-        # acc + a @ b with fp32 accumulation. The interpreter (Triton <= 3.9) multiplies bfloat16
-        # operands as their raw uint16 bits: there, and only there, operands go through fp32,
-        # which is exact (products of 8-bit-mantissa values fit in fp32's 24 bits).
+    def _tf32(x):
+        # fp32 -> the nearest TF32 value (10 explicit mantissa bits, ties away from zero, as the
+        # hardware's cvt.rna.tf32.f32), kept in fp32; Inf and NaN pass unchanged. Interpreter only:
+        # it gives fp32 dots the operand rounding that TF32 tensor cores apply on a GPU.
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+        return tl.where((bits & 0x7F800000) == 0x7F800000, x, rounded)
+
+    @triton.jit
+    def _mm(a, b, acc, PRECISION: tl.constexpr):
+        # acc + a @ b (acc None: a @ b) with fp32 accumulation. fp32 operands run at PRECISION:
+        # "ieee" (exact fp32 products), "tf32" (operands rounded to 10-bit mantissas, ~1e-3
+        # relative) or "tf32x3" (each operand split into two TF32 halves, three products: ~fp32
+        # accuracy). fp16/bf16 operands ignore it. The interpreter ignores input_precision and
+        # multiplies bfloat16 operands as their raw uint16 bits (Triton <= 3.9): there operands go
+        # through fp32 (exact for 8/11-bit mantissas) and the TF32 rounding is applied here.
         if _INTERPRETED:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+            if a.dtype == tl.float32:
+                if PRECISION == "ieee":
+                    acc = tl.dot(a, b, acc)
+                else:
+                    a_hi = _tf32(a)
+                    b_hi = _tf32(b)
+                    if PRECISION == "tf32x3":
+                        acc = tl.dot(_tf32(a - a_hi), b_hi, acc)
+                        acc = tl.dot(a_hi, _tf32(b - b_hi), acc)
+                    acc = tl.dot(a_hi, b_hi, acc)
+            else:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        elif a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a, b, acc)
         return acc
 
     @triton.jit
-    def _mm0(a, b):
-        # a @ b in fp32 (see _mm).
-        if _INTERPRETED:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32))
-        else:
-            c = tl.dot(a, b)
-        return c
-
-    @triton.jit
-    def _tanh(x):
-        # The interpreter has no libdevice: tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7).
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-    @triton.jit
     def _scores(x, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
         # x = q k^T (fp32). Returns s in log2 units and t = tanh(scale * x / softcap) (the
-        # softcap derivative needs it; x itself when there is no softcap).
+        # softcap derivative needs it; x itself when there is no softcap). tanh is _tl_math's,
+        # accurate to 1.5e-7 relative at every |u| (2 sigmoid(2u) - 1 loses relative accuracy
+        # as u -> 0, where most scaled scores lie).
         if HAS_SOFTCAP:
             t = _tanh(x * qk_scale)            # qk_scale = scale / softcap
             s = t * softcap_log2               # softcap * log2(e)
@@ -133,14 +155,26 @@ if triton is not None:
         return mask
 
     @triton.jit
-    def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
+    def _locate(CU_Q, CU_K, n_blocks, n_heads, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+        # The grid is 1-D: program p -> (batch b, head h, block i), blocks fastest, so that
+        # consecutive programs share one head's K/V (in L2). A 1-D grid takes 2**31 - 1 programs;
+        # a (blocks, batch x heads) grid stops at 65535 on axis 1, which 4096 packed sequences x
+        # 32 heads (131072) pass. Also returns sequence b's first token (int64) and length (int32)
+        # in q and in k.
+        pid = tl.program_id(0)
+        bh = pid // n_blocks
+        b = bh // n_heads
         if IS_VARLEN:
-            start = tl.load(CU + b).to(tl.int64)
-            length = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+            q_start = tl.load(CU_Q + b).to(tl.int64)
+            q_len = (tl.load(CU_Q + b + 1).to(tl.int64) - q_start).to(tl.int32)
+            k_start = tl.load(CU_K + b).to(tl.int64)
+            k_len = (tl.load(CU_K + b + 1).to(tl.int64) - k_start).to(tl.int32)
         else:
-            start = b.to(tl.int64) * 0
-            length = b * 0 + seqlen
-        return start, length
+            q_start = b.to(tl.int64) * 0
+            k_start = q_start
+            q_len = b * 0 + seqlen_q
+            k_len = b * 0 + seqlen_k
+        return b, bh % n_heads, pid - bh * n_blocks, q_start, q_len, k_start, k_len
 
     @triton.jit
     def _key_blocks(m0, off, q_len, k_len, win_left, win_right, BLOCK_M: tl.constexpr,
@@ -190,22 +224,52 @@ if triton is not None:
         return lo, u_lo, u_hi, hi
 
     @triton.jit
+    def _load_rows(a_base, b_base, row0, stride_a, stride_b, offs_r, offs_d, n_rows, mask_d,
+                   MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, ROW64: tl.constexpr):
+        # Rows row0 + offs_r of two (rows, D) matrices (k and v, or q and dO; D contiguous) from
+        # the start of one sequence, as (R, BLOCK_D) tiles. Rows at or past n_rows (MASK_ROWS) and
+        # the padded head-dim columns (unless EVEN_D) read as 0. One call for both tiles: the
+        # interpreter pays milliseconds per jit-function call.
+        # Row offsets are int32 unless a sequence spans more than 2**31 elements (ROW64): an int64
+        # tile base plus int32 in-tile offsets would be cheaper to compute, but the compiler then
+        # hoists the loop-invariant (R, D) offset tensors out of the loops and keeps them in
+        # registers (sm_90 builds: dK/dV at d=128 spilled 1036 bytes instead of 0).
+        rows = row0 + offs_r
+        if ROW64:
+            rows = rows.to(tl.int64)
+        a_ptrs = a_base + rows[:, None] * stride_a + offs_d[None, :]
+        b_ptrs = b_base + rows[:, None] * stride_b + offs_d[None, :]
+        if MASK_ROWS:
+            mask = (rows[:, None] < n_rows) & mask_d[None, :]
+            a = tl.load(a_ptrs, mask=mask, other=0.0)
+            b = tl.load(b_ptrs, mask=mask, other=0.0)
+        elif EVEN_D:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=mask_d[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_d[None, :], other=0.0)
+        return a, b
+
+    @triton.jit
+    def _store_tile(base, row0, stride_row, offs_r, offs_d, n_rows, mask_d, x):
+        tile = base + tl.cast(row0, tl.int64) * stride_row
+        tl.store(tile + offs_r[:, None] * stride_row + offs_d[None, :], x,
+                 mask=((row0 + offs_r)[:, None] < n_rows) & mask_d[None, :])
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn,
                    offs_m, offs_n0, offs_d, mask_d, start, end, off, q_len, k_len,
                    win_left, win_right, qk_scale, softcap_log2,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                   HAS_LEFT: tl.constexpr,
-                   HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_n0
-            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-            if MASKED:
-                k_t = tl.load(k_ptrs, mask=(offs_n[None, :] < k_len) & mask_d[:, None], other=0.0)
-            elif EVEN_D:
-                k_t = tl.load(k_ptrs)                                               # (D, BN)
-            else:
-                k_t = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
-            s, t = _scores(_mm0(q, k_t), qk_scale, softcap_log2, HAS_SOFTCAP)     # (BM, BN)
+            k, v = _load_rows(k_base, v_base, n0, stride_kn, stride_vn, offs_n0, offs_d, k_len,
+                              mask_d, MASKED, EVEN_D, ROW64)                               # (BN, D)
+            s, t = _scores(_mm(q, tl.trans(k), None, PRECISION), qk_scale, softcap_log2,
+                           HAS_SOFTCAP)                                             # (BM, BN)
             if HAS_BIAS:
                 bias = tl.load(bias_base + offs_n, mask=offs_n < k_len, other=0.0)
                 s = s + bias[None, :] * 1.4426950408889634
@@ -219,15 +283,8 @@ if triton is not None:
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < k_len) & mask_d[None, :], other=0.0)
-            elif EVEN_D:
-                v = tl.load(v_ptrs)                                                 # (BN, D)
-            else:
-                v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None]
-            acc = _mm(p.to(v.dtype), v, acc)
+            acc = _mm(p.to(v.dtype), v, acc, PRECISION)
             m_i = m_new
         return acc, l_i, m_i
 
@@ -239,31 +296,28 @@ if triton is not None:
                     stride_lb, stride_lh, stride_bb,
                     seqlen_q, seqlen_k, n_heads, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
-                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # Largest query blocks first: with causal masks they have the most work (load balance).
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
+        n_m = tl.cdiv(seqlen_q, BLOCK_M)
+        b, h, i, q_start, q_len, k_start, k_len = _locate(CU_Q, CU_K, n_m, n_heads, seqlen_q,
+                                                          seqlen_k, IS_VARLEN)
+        pid_m = n_m - 1 - i            # largest query blocks first: most work when causal
         h_kv = h // group
-        q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-        k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
         m0 = pid_m * BLOCK_M
         if m0 >= q_len:          # varlen: this sequence is shorter than max_seqlen_q
             return
-        b64 = b.to(tl.int64)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_M)
+        offs_m = m0 + offs_r
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
-        row_mask = offs_m < q_len
-        q_base = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qn
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=row_mask[:, None] & mask_d[None, :], other=0.0)            # (BM, D)
-        k_base = K + b64 * stride_kb + h_kv * stride_kh + k_start * stride_kn
-        v_base = V + b64 * stride_vb + h_kv * stride_vh + k_start * stride_vn
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qn
+                    + offs_r[:, None] * stride_qn + offs_d[None, :],
+                    mask=(offs_m < q_len)[:, None] & mask_d[None, :], other=0.0)   # (BM, D)
+        k_base = K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn
+        v_base = V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn
         bias_base = BIAS + b64 * stride_bb
         off = k_len - q_len
         lo, u_lo, u_hi, hi = _key_blocks(m0, off, q_len, k_len, win_left, win_right,
@@ -274,82 +328,73 @@ if triton is not None:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
                                    stride_vn, offs_m, offs_n0, offs_d, mask_d, lo, u_lo, off,
                                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                   HAS_BIAS, PRECISION, ROW64)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
                                    stride_vn, offs_m, offs_n0, offs_d, mask_d, u_lo, u_hi, off,
                                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                   BLOCK_N, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                   HAS_BIAS, PRECISION, ROW64)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
                                    stride_vn, offs_m, offs_n0, offs_d, mask_d, u_hi, hi, off,
                                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                   HAS_BIAS, PRECISION, ROW64)
         empty = l_i == 0.0                                # rows that see no key: O = 0, lse = -inf
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        o_base = O + b64 * stride_ob + h * stride_oh + q_start * stride_on
-        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=row_mask[:, None] & mask_d[None, :])
-        tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=row_mask)
+        _store_tile(O + b64 * stride_ob + h64 * stride_oh + q_start * stride_on, m0, stride_on,
+                    offs_r, offs_d, q_len, mask_d, out.to(O.dtype.element_ty))
+        tl.store(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse,
+                 mask=offs_m < q_len)
 
     @triton.jit
     def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_on, stride_oh,
                                stride_dob, stride_don, stride_doh, stride_lb, stride_lh,
                                seqlen_q, n_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+                               BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+                               ROW64: tl.constexpr):
         # delta_i = sum_d dO_id * O_id (fp32): the row term of dS = P * (dP - delta).
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+        b, h, pid_m, q_start, q_len, _, _ = _locate(CU_Q, CU_Q, tl.cdiv(seqlen_q, BLOCK_M),
+                                                    n_heads, seqlen_q, seqlen_q, IS_VARLEN)
         m0 = pid_m * BLOCK_M
         if m0 >= q_len:
             return
-        b64 = b.to(tl.int64)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-        rows = (q_start + offs_m)[:, None]
-        o = tl.load(O + b64 * stride_ob + h * stride_oh + rows * stride_on + offs_d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows * stride_don + offs_d[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-        tl.store(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, tl.sum(o * do, 1),
-                 mask=offs_m < q_len)
+        mask_d = offs_d < HEAD_DIM
+        o, do = _load_rows(O + b64 * stride_ob + h64 * stride_oh + q_start * stride_on,
+                           DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don, m0,
+                           stride_on, stride_don, offs_r, offs_d, q_len, mask_d, True, False, ROW64)
+        tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + m0 + offs_r,
+                 tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m0 + offs_r < q_len)
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                     stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, start, end, off,
                     q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                   HAS_LEFT: tl.constexpr,
-                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
         # Scores are computed transposed, (BN, BM), so that dV += P^T dO and dK += dX^T Q are
         # plain dots with no transposed operand to materialise.
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + offs_m0
-            q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-            do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
+            q, do = _load_rows(q_base, do_base, m0, stride_qn, stride_don, offs_m0, offs_d, q_len,
+                               mask_d, MASKED, EVEN_D, ROW64)                              # (BM, D)
             if MASKED:
                 row_mask = offs_m < q_len
-                mask = row_mask[:, None] & mask_d[None, :]
-                q = tl.load(q_ptrs, mask=mask, other=0.0)
-                do = tl.load(do_ptrs, mask=mask, other=0.0)
                 lse = tl.load(lse_base + offs_m, mask=row_mask, other=float("inf"))
                 delta = tl.load(delta_base + offs_m, mask=row_mask, other=0.0)
             else:
-                if EVEN_D:
-                    q = tl.load(q_ptrs)
-                    do = tl.load(do_ptrs)
-                else:
-                    q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
-                    do = tl.load(do_ptrs, mask=mask_d[None, :], other=0.0)
                 lse = tl.load(lse_base + offs_m)
                 delta = tl.load(delta_base + offs_m)
             # Rows that saw no key have lse = -inf: use +inf so their P is 0, not NaN.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            s_t, t_t = _scores(_mm0(k, tl.trans(q)), qk_scale, softcap_log2, HAS_SOFTCAP)
+            s_t, t_t = _scores(_mm(k, tl.trans(q), None, PRECISION), qk_scale, softcap_log2,
+                               HAS_SOFTCAP)
             if HAS_BIAS:
                 s_t = s_t + bias_log2[:, None]
             if MASKED:
@@ -357,12 +402,12 @@ if triton is not None:
                                win_left, win_right, HAS_LEFT, HAS_RIGHT)
                 s_t = tl.where(vis, s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse2[None, :])                                      # (BN, BM)
-            dv = _mm(p_t.to(do.dtype), do, dv)
-            dp_t = _mm0(v, tl.trans(do))                                          # (BN, BM)
+            dv = _mm(p_t.to(do.dtype), do, dv, PRECISION)
+            dp_t = _mm(v, tl.trans(do), None, PRECISION)                                 # (BN, BM)
             ds_t = p_t * (dp_t - delta[None, :])
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
-            dk = _mm(ds_t.to(q.dtype), q, dk)
+            dk = _mm(ds_t.to(q.dtype), q, dk, PRECISION)
         return dk, dv
 
     @triton.jit
@@ -374,31 +419,27 @@ if triton is not None:
                          stride_lb, stride_lh, stride_bb,
                          seqlen_q, seqlen_k, n_kv_heads, group,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
-                         HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
-        # One program per (key block, batch x kv head); loops over the `group` query heads that
-        # share this kv head, so the GQA sum of dK/dV stays in registers (no atomics).
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_kv_heads
-        h_kv = pid_bh % n_kv_heads
-        q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-        k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         PRECISION: tl.constexpr, ROW64: tl.constexpr):
+        # One program per (batch x kv head, key block); loops over the `group` query heads that
+        # share this kv head, so the GQA sum of dK/dV stays in registers (no atomics). Key
+        # blocks in order: with a causal mask the first ones have the most work.
+        b, h_kv, pid_n, q_start, q_len, k_start, k_len = _locate(
+            CU_Q, CU_K, tl.cdiv(seqlen_k, BLOCK_N), n_kv_heads, seqlen_q, seqlen_k, IS_VARLEN)
         n0 = pid_n * BLOCK_N
         if n0 >= k_len:
             return
-        b64 = b.to(tl.int64)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        b64, hkv64 = b.to(tl.int64), h_kv.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_r
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
-        kv_mask = (offs_n[:, None] < k_len) & mask_d[None, :]
-        k = tl.load(K + b64 * stride_kb + h_kv * stride_kh + (k_start + offs_n)[:, None] * stride_kn
-                    + offs_d[None, :], mask=kv_mask, other=0.0)                     # (BN, D)
-        v = tl.load(V + b64 * stride_vb + h_kv * stride_vh + (k_start + offs_n)[:, None] * stride_vn
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn,
+                          V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn, n0,
+                          stride_kn, stride_vn, offs_r, offs_d, k_len, mask_d, True, EVEN_D, ROW64)
         bias_log2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if HAS_BIAS:
             bias_log2 = tl.load(BIAS + b64 * stride_bb + offs_n, mask=offs_n < k_len,
@@ -409,51 +450,44 @@ if triton is not None:
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for g in range(0, group):
-            h = h_kv * group + g
-            q_base = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qn
-            do_base = DO + b64 * stride_dob + h * stride_doh + q_start * stride_don
-            lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
-            delta_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
+            h64 = hkv64 * group + g
+            q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn
+            do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don
+            lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
+            delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
             dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                                  stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, lo, u_lo,
                                  off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                 HAS_BIAS, PRECISION, ROW64)
             dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                                  stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, u_lo, u_hi,
                                  off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                 BLOCK_M, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                 HAS_BIAS, PRECISION, ROW64)
             dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
                                  stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, u_hi, hi,
                                  off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS)
+                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                 HAS_BIAS, PRECISION, ROW64)
         dk = dk * sm_scale
-        tl.store(DK + b64 * stride_dkb + h_kv * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn
-                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + b64 * stride_dvb + h_kv * stride_dvh + (k_start + offs_n)[:, None] * stride_dvn
-                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        _store_tile(DK + b64 * stride_dkb + hkv64 * stride_dkh + k_start * stride_dkn, n0,
+                    stride_dkn, offs_r, offs_d, k_len, mask_d, dk.to(DK.dtype.element_ty))
+        _store_tile(DV + b64 * stride_dvb + hkv64 * stride_dvh + k_start * stride_dvn, n0,
+                    stride_dvn, offs_r, offs_d, k_len, mask_d, dv.to(DV.dtype.element_ty))
 
     @triton.jit
     def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                   offs_m, offs_n0, offs_d, mask_d, start, end, off, q_len, k_len,
                   win_left, win_right, qk_scale, softcap_log2,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                   HAS_LEFT: tl.constexpr,
-                  HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_n0
-            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if MASKED:
-                kv_mask = (offs_n[:, None] < k_len) & mask_d[None, :]
-                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                        # (BN, D)
-                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-            elif EVEN_D:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
-            s, t = _scores(_mm0(q, tl.trans(k)), qk_scale, softcap_log2, HAS_SOFTCAP)
+            k, v = _load_rows(k_base, v_base, n0, stride_kn, stride_vn, offs_n0, offs_d, k_len,
+                              mask_d, MASKED, EVEN_D, ROW64)                               # (BN, D)
+            s, t = _scores(_mm(q, tl.trans(k), None, PRECISION), qk_scale, softcap_log2, HAS_SOFTCAP)
             if HAS_BIAS:
                 bias = tl.load(bias_base + offs_n, mask=offs_n < k_len, other=0.0)
                 s = s + bias[None, :] * 1.4426950408889634
@@ -462,11 +496,11 @@ if triton is not None:
                                win_left, win_right, HAS_LEFT, HAS_RIGHT)
                 s = tl.where(vis, s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])                                          # (BM, BN)
-            dp = _mm0(do, tl.trans(v))
+            dp = _mm(do, tl.trans(v), None, PRECISION)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dq = _mm(ds.to(k.dtype), k, dq)
+            dq = _mm(ds.to(k.dtype), k, dq, PRECISION)
         return dq
 
     @triton.jit
@@ -477,38 +511,34 @@ if triton is not None:
                        stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh, stride_bb,
                        seqlen_q, seqlen_k, n_heads, group,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
-                       HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
+        n_m = tl.cdiv(seqlen_q, BLOCK_M)
+        b, h, i, q_start, q_len, k_start, k_len = _locate(CU_Q, CU_K, n_m, n_heads, seqlen_q,
+                                                          seqlen_k, IS_VARLEN)
+        pid_m = n_m - 1 - i
         h_kv = h // group
-        q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-        k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
         m0 = pid_m * BLOCK_M
         if m0 >= q_len:
             return
-        b64 = b.to(tl.int64)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_M)
+        offs_m = m0 + offs_r
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         row_mask = offs_m < q_len
-        mask = row_mask[:, None] & mask_d[None, :]
-        rows = (q_start + offs_m)[:, None]
-        q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows * stride_qn + offs_d[None, :],
-                    mask=mask, other=0.0)
-        do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows * stride_don + offs_d[None, :],
-                     mask=mask, other=0.0)
-        lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=row_mask,
+        q, do = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn,
+                           DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don, m0,
+                           stride_qn, stride_don, offs_r, offs_d, q_len, mask_d, True, EVEN_D, ROW64)
+        lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_mask,
                       other=float("inf"))
-        delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=row_mask,
-                        other=0.0)
+        delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m,
+                        mask=row_mask, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        k_base = K + b64 * stride_kb + h_kv * stride_kh + k_start * stride_kn
-        v_base = V + b64 * stride_vb + h_kv * stride_vh + k_start * stride_vn
+        k_base = K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn
+        v_base = V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn
         bias_base = BIAS + b64 * stride_bb
         off = k_len - q_len
         lo, u_lo, u_hi, hi = _key_blocks(m0, off, q_len, k_len, win_left, win_right,
@@ -516,23 +546,24 @@ if triton is not None:
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                        offs_m, offs_n0, offs_d, mask_d, lo, u_lo, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                       HAS_SOFTCAP, HAS_BIAS)
+                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT,
+                       HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                        offs_m, offs_n0, offs_d, mask_d, u_lo, u_hi, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, False, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                       HAS_SOFTCAP, HAS_BIAS)
+                       win_right, qk_scale, softcap_log2, BLOCK_N, False, EVEN_D, HAS_LEFT,
+                       HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
                        offs_m, offs_n0, offs_d, mask_d, u_hi, hi, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT,
-                       HAS_SOFTCAP, HAS_BIAS)
+                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT,
+                       HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         dq = dq * sm_scale
-        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=mask)
+        _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqn, m0,
+                    stride_dqn, offs_r, offs_d, q_len, mask_d, dq.to(DQ.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------
-# Block configurations
+# Launch metadata: constexprs, block configurations, grid (the launcher and
+# tools/triton_aot_check.py read these; nothing else repeats them)
 # ----------------------------------------------------------------------------------------------
 
 try:  # where Triton reports "out of shared memory / registers" at launch (3.x)
@@ -540,63 +571,184 @@ try:  # where Triton reports "out of shared memory / registers" at launch (3.x)
 except Exception:  # pragma: no cover - older layouts
     _OutOfResources = ()
 
+KINDS = ("fwd", "pre", "dkdv", "dq")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
-def _configs(kind: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kind`` in fwd | dkdv | dq, preferred first;
-    the later entries are the fall-backs tried when a launch runs out of shared memory.
 
-    BLOCK_M is the query block, BLOCK_N the key block in every kernel (the dK/dV kernel owns a key
-    block and loops over query blocks; the dQ kernel the opposite). NOT yet timed (no GPU session
-    so far): each first choice is the largest tile of a small candidate set whose sm_90 build
-    (Triton 3.9 compiling without a GPU, bf16, causal; ptxas resource usage) does not spill
-    registers, or spills least (dK/dV at head dim 128 still spills ~56 bytes/thread: its fp32
-    dK and dV tiles). Revisit with bench/bench_attention.py on a GPU. Fixed configs (no
-    autotuning) also keep the backward bitwise reproducible across processes. Under the
-    interpreter one small
-    config keeps CPU tests fast while still crossing block boundaries at N ~ 100.
-    """
-    if _backend.interpreter_on():
-        return [(32, 32, 4, 1)] if kind != "pre" else [(32, 0, 4, 1)]
-    wide = dtype == torch.float32            # 4-byte tiles: start one step smaller
+class Config(NamedTuple):
+    block_m: int          # query rows per block (every kernel)
+    block_n: int          # key rows per block (0: the kernel has none)
+    num_warps: int
+    num_stages: int
+
+
+def _c(*rows):
+    return [Config(*r) for r in rows]
+
+
+# Block configurations per Triton version (major, minor), kernel and head-dim bucket (BLOCK_D <=
+# 64, 128, 256), preferred first; later entries are fall-backs tried on OutOfResources. "wide"
+# lists are for fp32 inputs (4-byte operand tiles). NOT timed (no GPU session so far): chosen
+# from sm_90 builds without a GPU (tools/triton_aot_check.py: ptxas registers, spills, shared
+# memory) -- see README "Attention" for the numbers behind each row.
+_CONFIG_TABLES: dict[tuple[int, int], dict[tuple[str, int, bool], list[Config]]] = {}
+
+
+def _default_table() -> dict[tuple[str, int, bool], list[Config]]:
+    t = {}
+    fwd = {64: _c((128, 64, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)),
+           128: _c((128, 32, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)),
+           256: _c((32, 32, 4, 2), (64, 16, 4, 2), (16, 16, 4, 1))}
+    dkdv = {64: _c((32, 128, 8, 3), (16, 64, 4, 2), (16, 16, 4, 1)),
+            128: _c((16, 32, 4, 2), (16, 16, 4, 1)),
+            256: _c((16, 32, 8, 1), (16, 16, 4, 1))}
+    dq = {64: _c((128, 32, 8, 3), (64, 32, 4, 3), (16, 16, 4, 1)),
+          128: _c((64, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 1)),
+          256: _c((32, 16, 4, 1), (16, 16, 4, 1))}
+    for kind, by_d in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+        for d, configs in by_d.items():
+            t[(kind, d, False)] = configs
+            t[(kind, d, True)] = configs[1:] if len(configs) > 2 else configs
+    for d in (64, 128, 256):
+        t[("pre", d, False)] = t[("pre", d, True)] = _c((64, 0, 4, 1))
+    return t
+
+
+_CONFIG_TABLES[(3, 9)] = _default_table()
+_CONFIG_TABLES[(3, 6)] = _default_table()
+
+# Under the interpreter one small config keeps CPU tests fast while still crossing block
+# boundaries at N ~ 100.
+_INTERPRETER_CONFIGS = {"fwd": _c((32, 32, 4, 1)), "dkdv": _c((32, 32, 4, 1)),
+                        "dq": _c((32, 32, 4, 1)), "pre": _c((32, 0, 4, 1))}
+
+
+def triton_version() -> tuple[int, int]:
+    if triton is None:
+        return (0, 0)
+    major, minor = (triton.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _table_for(version: Optional[tuple[int, int]] = None):
+    """The table of ``version`` (default: the running Triton): its own, else the newest one not
+    newer than it, else the oldest."""
+    version = triton_version() if version is None else version
+    keys = sorted(_CONFIG_TABLES)
+    older = [k for k in keys if k <= version]
+    return _CONFIG_TABLES[older[-1] if older else keys[0]]
+
+
+def block_d(head_dim: int) -> int:
+    """The head dim padded to a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def launch_configs(kind: str, head_dim: int, dtype: torch.dtype,
+                   version: Optional[tuple[int, int]] = None,
+                   interpreted: Optional[bool] = None) -> list[Config]:
+    """Block configurations for kernel ``kind`` (fwd | pre | dkdv | dq), preferred first."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if _backend.interpreter_on() if interpreted is None else interpreted:
+        return _INTERPRETER_CONFIGS[kind]
+    bd = block_d(head_dim)
+    bucket = 64 if bd <= 64 else 128 if bd <= 128 else 256
+    return _table_for(version)[(kind, bucket, dtype == torch.float32)]
+
+
+def kernel_meta(kind: str, head_dim: int, dtype: torch.dtype, *, varlen: bool, has_left: bool,
+                has_right: bool, softcap: bool, bias: bool, precision: str,
+                row64: bool = False) -> dict:
+    """The constexprs of kernel ``kind`` except BLOCK_M/BLOCK_N (they come with the config).
+    ``row64``: some sequence spans more than 2**31 elements (row offsets in int64)."""
+    bd = block_d(head_dim)
     if kind == "pre":
-        return [(64, 0, 4, 1)]
-    if kind == "fwd":
-        table = {64: [(128, 64, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)],
-                 128: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)],
-                 256: [(32, 32, 4, 2), (64, 16, 4, 2), (16, 16, 4, 1)]}
-    elif kind == "dkdv":
-        table = {64: [(32, 128, 8, 3), (16, 64, 4, 2), (16, 16, 4, 1)],
-                 128: [(16, 32, 4, 2), (16, 16, 4, 1)],
-                 256: [(16, 32, 8, 1), (16, 16, 4, 1)]}
-    else:
-        table = {64: [(128, 32, 8, 3), (64, 32, 4, 3), (16, 16, 4, 1)],
-                 128: [(64, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 1)],
-                 256: [(32, 16, 4, 1), (16, 16, 4, 1)]}
-    configs = table[64 if block_d <= 64 else 128 if block_d <= 128 else 256]
-    return configs[1:] if wide and len(configs) > 2 else configs
+        return dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_VARLEN=varlen, ROW64=row64)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=bd, EVEN_D=head_dim == bd, IS_VARLEN=varlen,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap, HAS_BIAS=bias,
+                # One compiled variant for fp16/bf16, where the operand precision is moot.
+                PRECISION=precision if dtype == torch.float32 else "ieee", ROW64=row64)
 
 
+def _row64(seqlen: int, *tensors: torch.Tensor) -> bool:
+    """Whether row offsets within a sequence (rows up to seqlen plus one block) times the token
+    stride of any of ``tensors`` pass int32."""
+    return any((seqlen + _MAX_BLOCK_ROWS) * abs(t.stride(-3)) > _INT32_MAX for t in tensors)
+
+
+def config_meta(kind: str, config: Config) -> dict:
+    if kind == "pre":
+        return dict(BLOCK_M=config.block_m)
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+
+
+def grid_size(kind: str, config: Config, batch: int, heads: int, seqlen_q: int,
+              seqlen_k: int) -> int:
+    """Programs of the 1-D grid (see _locate): blocks x batch x heads (kv heads for dkdv)."""
+    if kind == "dkdv":
+        return triton.cdiv(seqlen_k, config.block_n) * batch * heads
+    return triton.cdiv(seqlen_q, config.block_m) * batch * heads
+
+
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)      # CUDA's gridDim.x, .y, .z
 _chosen: dict[tuple, int] = {}
 
 
-def _launch(kernel, kind: str, block_d: int, dtype: torch.dtype, grid_fn, args, meta) -> None:
-    """Launches with the first config of _configs that fits; remembers the one that did."""
-    configs = _configs(kind, block_d, dtype)
-    key = (kind, block_d, dtype, tuple(sorted(meta.items())))
+def _check_grid(kind: str, grid: tuple) -> None:
+    for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"flash attention {kind}: {n} programs on grid axis {axis} exceed "
+                             f"CUDA's limit {limit} (batch x heads x blocks); split the batch")
+
+
+def _launch(kernel, kind: str, head_dim: int, dtype: torch.dtype, sizes: tuple, args,
+            meta: dict) -> None:
+    """Launches ``kernel`` with the first config that fits; remembers the one that did.
+    ``sizes`` = (batch, heads, seqlen_q, seqlen_k) for grid_size."""
+    configs = launch_configs(kind, head_dim, dtype)
+    key = (kind, head_dim, dtype, tuple(sorted(meta.items())))
     first = _chosen.get(key, 0)
     error = None
     for i in range(first, len(configs)):
-        bm, bn, warps, stages = configs[i]
-        extra = {"BLOCK_M": bm} if kind == "pre" else {"BLOCK_M": bm, "BLOCK_N": bn}
+        config = configs[i]
+        grid = (grid_size(kind, config, *sizes),)
+        _check_grid(kind, grid)
         try:
-            kernel[grid_fn(bm, bn)](*args, **meta, **extra, num_warps=warps, num_stages=stages)
+            kernel[grid](*args, **meta, **config_meta(kind, config),
+                                num_warps=config.num_warps, num_stages=config.num_stages)
         except _OutOfResources as exc:  # type: ignore[misc]
             error = exc
             continue
         _chosen[key] = i
         return
     raise RuntimeError(f"flash attention {kind}: no block configuration fits this GPU "
-                       f"(head dim block {block_d}, {dtype})") from error
+                       f"(head dim {head_dim}, {dtype})") from error
+
+
+def default_precision() -> str:
+    """The fp32 operand precision torch uses for CUDA matmuls: "tf32" when TF32 is allowed
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``allow_tf32 = True`` or
+    ``torch.set_float32_matmul_precision("high" | "medium")``), else "ieee" (torch's default).
+    torch >= 2.9 has ``fp32_precision`` (it also reflects the legacy settings and never raises on
+    mixed use, where reading ``allow_tf32`` does); older torch has the float32 matmul precision."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        value = matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        value = None
+    if value in ("ieee", "tf32"):
+        return value
+    if value == "none":                      # "inherit", and nothing set above: the default
+        return "ieee"
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch < 1.12
+        return "tf32" if getattr(matmul, "allow_tf32", False) else "ieee"
+
+
+def _precision(value: str) -> str:
+    return default_precision() if value == "" else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,10 +757,7 @@ def _launch(kernel, kind: str, block_d: int, dtype: torch.dtype, grid_fn, args, 
 
 _INT32_MAX = 2**31 - 1
 _BOUND_CLAMP = 2**30          # window bounds beyond any sequence length are clamped to this
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))     # tl.dot needs >= 16
+_MAX_BLOCK_ROWS = 256         # no config has more rows per tile
 
 
 def _bsh(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -641,7 +790,7 @@ def _scalars(scale: float, softcap: float, has_left, left, has_right, right):
 
 
 def _forward_impl(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, has_left, left, has_right,
-                  right, softcap):
+                  right, softcap, precision):
     varlen, batch, n_heads, n_kv_heads, seqlen_q, seqlen_k = _dims(q, k, cu_q, max_q, max_k)
     head_dim = q.shape[-1]
     out = torch.empty_like(q)
@@ -653,22 +802,23 @@ def _forward_impl(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, has_left, left
         return out, lse
     qk_scale, softcap_log2, wl, wr = _scalars(scale, softcap, has_left, left, has_right, right)
     dummy = lse
-    block_d = _block_d(head_dim)
     args = (q, k, v, out, lse, bias if bias is not None else dummy,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             qk_scale, softcap_log2, wl, wr,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen),
             *_lse_strides(lse, varlen), bias.stride(0) if bias is not None else 0,
             seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
-                HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_BIAS=bias is not None)
-    _launch(_fwd_kernel, "fwd", block_d, q.dtype,
-            lambda bm, bn: (triton.cdiv(seqlen_q, bm), batch * n_heads), args, meta)
+    meta = kernel_meta("fwd", head_dim, q.dtype, varlen=varlen, has_left=has_left,
+                       has_right=has_right, softcap=softcap > 0, bias=bias is not None,
+                       precision=_precision(precision),
+                       row64=_row64(seqlen_q, q, out) or _row64(seqlen_k, k, v))
+    _launch(_fwd_kernel, "fwd", head_dim, q.dtype, (batch, n_heads, seqlen_q, seqlen_k), args,
+            meta)
     return out, lse
 
 
 def _backward_impl(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, has_left,
-                   left, has_right, right, softcap):
+                   left, has_right, right, softcap, precision):
     varlen, batch, n_heads, n_kv_heads, seqlen_q, seqlen_k = _dims(q, k, cu_q, max_q, max_k)
     head_dim = q.shape[-1]
     if dout.stride(-1) != 1:
@@ -679,36 +829,36 @@ def _backward_impl(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scal
     if seqlen_q == 0 or dq.numel() == 0:      # no query: no gradient reaches k and v
         return dq, dk.zero_(), dv.zero_()
     qk_scale, softcap_log2, wl, wr = _scalars(scale, softcap, has_left, left, has_right, right)
-    block_d = _block_d(head_dim)
     group = n_heads // n_kv_heads
     delta = torch.empty_like(lse)
     cu_q_arg = cu_q if varlen else lse
     cu_k_arg = cu_k if varlen else lse
     lse_strides = _lse_strides(lse, varlen)
-    _launch(_bwd_preprocess_kernel, "pre", block_d, q.dtype,
-            lambda bm, bn: (triton.cdiv(seqlen_q, bm), batch * n_heads),
+    flags = dict(varlen=varlen, has_left=has_left, has_right=has_right, softcap=softcap > 0,
+                 bias=bias is not None, precision=_precision(precision),
+                 row64=_row64(seqlen_q, q, out, dout, dq) or _row64(seqlen_k, k, v, dk, dv))
+    _launch(_bwd_preprocess_kernel, "pre", head_dim, q.dtype, (batch, n_heads, seqlen_q, seqlen_k),
             (out, dout, delta, cu_q_arg, *_bsh(out, varlen), *_bsh(dout, varlen), *lse_strides,
              seqlen_q, n_heads),
-            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen))
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
-                HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_BIAS=bias is not None)
+            kernel_meta("pre", head_dim, q.dtype, **flags))
     bias_arg = bias if bias is not None else lse
     bias_stride = bias.stride(0) if bias is not None else 0
     if seqlen_k > 0 and dk.numel() > 0:
-        _launch(_bwd_dkdv_kernel, "dkdv", block_d, q.dtype,
-                lambda bm, bn: (triton.cdiv(seqlen_k, bn), batch * n_kv_heads),
+        _launch(_bwd_dkdv_kernel, "dkdv", head_dim, q.dtype,
+                (batch, n_kv_heads, seqlen_q, seqlen_k),
                 (q, k, v, dout, lse, delta, bias_arg, dk, dv, cu_q_arg, cu_k_arg,
                  qk_scale, softcap_log2, scale, wl, wr,
                  *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
                  *_bsh(dk, varlen), *_bsh(dv, varlen), *lse_strides, bias_stride,
-                 seqlen_q, seqlen_k, n_kv_heads, group), meta)
-    _launch(_bwd_dq_kernel, "dq", block_d, q.dtype,
-            lambda bm, bn: (triton.cdiv(seqlen_q, bm), batch * n_heads),
+                 seqlen_q, seqlen_k, n_kv_heads, group),
+                kernel_meta("dkdv", head_dim, q.dtype, **flags))
+    _launch(_bwd_dq_kernel, "dq", head_dim, q.dtype, (batch, n_heads, seqlen_q, seqlen_k),
             (q, k, v, dout, lse, delta, bias_arg, dq, cu_q_arg, cu_k_arg,
              qk_scale, softcap_log2, scale, wl, wr,
              *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
              *_bsh(dq, varlen), *lse_strides, bias_stride,
-             seqlen_q, seqlen_k, n_heads, group), meta)
+             seqlen_q, seqlen_k, n_heads, group),
+            kernel_meta("dq", head_dim, q.dtype, **flags))
     return dq, dk, dv
 
 
@@ -720,14 +870,15 @@ def _backward_impl(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scal
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                     max_seqlen_q: int, max_seqlen_k: int, scale: float, has_left: bool, left: int,
-                    has_right: bool, right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    has_right: bool, right: int, softcap: float, precision: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         scale, has_left, left, has_right, right, softcap)
+                         scale, has_left, left, has_right, right, softcap, precision)
 
 
 @_flash_attn_fwd.register_fake
 def _flash_attn_fwd_fake(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         scale, has_left, left, has_right, right, softcap):
+                         scale, has_left, left, has_right, right, softcap, precision):
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
@@ -740,24 +891,24 @@ def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
                     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                     max_seqlen_q: int, max_seqlen_k: int, scale: float, has_left: bool, left: int,
-                    has_right: bool, right: int, softcap: float
+                    has_right: bool, right: int, softcap: float, precision: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dout, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, scale, has_left, left, has_right, right, softcap)
+                          max_seqlen_k, scale, has_left, left, has_right, right, softcap, precision)
 
 
 @_flash_attn_bwd.register_fake
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, scale, has_left, left, has_right, right, softcap):
+                         max_seqlen_k, scale, has_left, left, has_right, right, softcap, precision):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, has_left, left, has_right, right,
-     softcap) = inputs
+     softcap, precision) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k)
-    ctx.params = (max_q, max_k, scale, has_left, left, has_right, right, softcap)
+    ctx.params = (max_q, max_k, scale, has_left, left, has_right, right, softcap, precision)
     ctx.mark_non_differentiable(lse)
 
 
@@ -765,7 +916,7 @@ def _backward(ctx, dout, dlse):
     # The lse output is not differentiable (as in flash-attn): its gradient is ignored.
     q, k, v, out, lse, bias, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, *ctx.params)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * 12
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -816,12 +967,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
               cu_seqlens_q: Optional[torch.Tensor] = None,
               cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
               max_seqlen_k: Optional[int] = None, causal_top_left: bool = False,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              input_precision: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton flash attention; returns ``(out, lse)``. Layout (B, N, H, D) or varlen (T, H, D)
     with ``cu_seqlens_*`` (see the module docstring). ``key_bias`` (B, Nk) float32 is added to
     the scores of every query (key-padding masks: 0 or -inf); it gets no gradient.
     ``causal_top_left`` aligns the causal mask top-left (torch SDPA's ``is_causal``) instead of
-    bottom-right; it needs no window."""
+    bottom-right; it needs no window. ``input_precision`` (fp32 inputs only): "ieee", "tf32" or
+    "tf32x3" for the products; None follows torch's CUDA matmul setting (default_precision(),
+    read when the kernels run)."""
     if triton is None:
         raise RuntimeError("flash attention needs triton (pip install triton)")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -844,9 +997,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise ValueError(f"q, k, v must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, "
                          f"{v.shape[-1]}")
-    if head_dim % 8 != 0 or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
-                         f"got {head_dim}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    if input_precision is not None and input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision must be one of {', '.join(PRECISIONS)} or None, got "
+                         f"{input_precision!r}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
@@ -878,10 +1033,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
             raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
         key_bias = key_bias.to(torch.float32).contiguous()
     for name, t in (("q", q), ("k", k), ("v", v)):
-        # In-sequence offsets are int32 in the kernels (batch and sequence starts are int64).
-        if (max_q if name == "q" else max_k) * abs(t.stride(-3)) > _INT32_MAX or \
-                t.shape[-2] * abs(t.stride(-2)) > _INT32_MAX:
-            raise ValueError(f"{name}: one sequence spans more than 2**31 elements; not supported")
+        # Tile offsets (rows within one block x the token stride) are int32 in the kernels;
+        # batch, head and block starts are int64.
+        if abs(t.stride(-3)) * _MAX_BLOCK_ROWS > _INT32_MAX:
+            raise ValueError(f"{name}: token stride {t.stride(-3)} is too large (at most "
+                             f"{_INT32_MAX // _MAX_BLOCK_ROWS} elements between tokens)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -901,4 +1057,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
         else:
             has_right, right = True, (0 if right < 0 else min(right, 0))
     return _flash_attn_fwd(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
-                           has_left, max(left, 0), has_right, right, softcap)
+                           has_left, max(left, 0), has_right, right, softcap,
+                           input_precision or "")
