@@ -239,8 +239,10 @@ def _attention_variants(kind: str):
         out = []
         for dt, hd, fname in cases:
             configs = m.launch_configs(kind, hd, _torch_dtype(dt), interpreted=False)
-            if quick:
+            if quick or _FIRST_CONFIG:
                 configs = configs[:1]
+            # fp32: both product precisions (TF32 tensor cores; IEEE, torch's default) -- not in
+            # the quick set, which keeps its time.
             precisions = ("tf32", "ieee") if dt == "fp32" and kind != "pre" and not quick else ("tf32",)
             for precision in precisions:
                 for i, config in enumerate(configs):
@@ -344,6 +346,7 @@ class Task:
 
 
 _PTX_ONLY = False
+_FIRST_CONFIG = False         # attention: only the configuration each launch tries first
 
 
 def _ast_source(fn, spec: Spec, variant: Variant, backend):
@@ -515,6 +518,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas)")
     ap.add_argument("--list", action="store_true", help="list the variants, compile nothing")
+    ap.add_argument("--first-config", action="store_true", help="attention: compile only the "
+                    "configuration the launcher tries first (not its fall-backs)")
     ap.add_argument("--attention-sweep", action="store_true", help="attention: compile the "
                     "candidate block configurations (to choose the launcher's tables) instead "
                     "of the launcher's own")
@@ -537,7 +542,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    global _PTX_ONLY
+    global _PTX_ONLY, _FIRST_CONFIG
     t_start = time.perf_counter()
     try:
         import triton
@@ -549,6 +554,7 @@ def _main(args) -> int:
     version = getattr(triton, "__version__", "?")
     archs = args.arch or [90, 80]
     _PTX_ONLY = args.ptx_only
+    _FIRST_CONFIG = args.first_config
 
     for spec in SPECS:
         if args.only and not any(o in (spec.family, spec.kernel) or o in spec.module for o in args.only):

@@ -586,36 +586,54 @@ def _c(*rows):
     return [Config(*r) for r in rows]
 
 
-# Block configurations per Triton version (major, minor), kernel and head-dim bucket (BLOCK_D <=
-# 64, 128, 256), preferred first; later entries are fall-backs tried on OutOfResources. "wide"
-# lists are for fp32 inputs (4-byte operand tiles). NOT timed (no GPU session so far): chosen
-# from sm_90 builds without a GPU (tools/triton_aot_check.py: ptxas registers, spills, shared
-# memory) -- see README "Attention" for the numbers behind each row.
+# Block configurations per Triton version (major, minor), kernel, head-dim bucket (BLOCK_D <= 64,
+# 128, 256) and input width (False: fp16/bf16, True: fp32), preferred first; later entries are
+# fall-backs tried on OutOfResources (GPUs with less shared memory per block than the H200's
+# 227 KB: 163 KB on A100, 99 KB on consumer parts). NOT timed (no GPU session so far). Chosen
+# from sm_90 builds without a GPU (tools/triton_aot_check.py --attention-sweep, strides
+# specialised as the JIT does; ptxas registers and spills, shared memory, mma kind), by:
+#   1. no register spills (regs <= 255) on the Triton the GPU runs (3.6) and on 3.9;
+#   2. wgmma where possible: the M side of every product (BLOCK_M in fwd/dq, BLOCK_N in dK/dV)
+#      >= 64 rows per warpgroup of 4 warps (mma.sync below that);
+#   3. the largest BLOCK_M x BLOCK_N, then pipelining (2-3 stages) within 227 KB;
+#   4. fall-backs: about 160 KB, then about 100 KB, then a small mma tile.
+# Sweep numbers (3.6 | 3.9, bf16 causal): README "Attention". dK/dV holds two (BLOCK_N, D) fp32
+# accumulators, so it cannot keep a 64-row wgmma tile spill-free at d=256 (or at d=128 on 3.9:
+# 12 bytes) -- those use mma.sync tiles.
 _CONFIG_TABLES: dict[tuple[int, int], dict[tuple[str, int, bool], list[Config]]] = {}
 
 
-def _default_table() -> dict[tuple[str, int, bool], list[Config]]:
-    t = {}
-    fwd = {64: _c((128, 64, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)),
-           128: _c((128, 32, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)),
-           256: _c((32, 32, 4, 2), (64, 16, 4, 2), (16, 16, 4, 1))}
-    dkdv = {64: _c((32, 128, 8, 3), (16, 64, 4, 2), (16, 16, 4, 1)),
-            128: _c((16, 32, 4, 2), (16, 16, 4, 1)),
-            256: _c((16, 32, 8, 1), (16, 16, 4, 1))}
-    dq = {64: _c((128, 32, 8, 3), (64, 32, 4, 3), (16, 16, 4, 1)),
-          128: _c((64, 64, 8, 3), (32, 32, 4, 2), (16, 16, 4, 1)),
-          256: _c((32, 16, 4, 1), (16, 16, 4, 1))}
-    for kind, by_d in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
-        for d, configs in by_d.items():
-            t[(kind, d, False)] = configs
-            t[(kind, d, True)] = configs[1:] if len(configs) > 2 else configs
+def _table(version: tuple[int, int]) -> dict[tuple[str, int, bool], list[Config]]:
+    t = {
+        ("fwd", 64, False): _c((128, 128, 8, 3), (128, 64, 8, 3), (32, 16, 4, 1)),
+        ("fwd", 128, False): _c((128, 128, 8, 2), (128, 64, 8, 2), (32, 16, 4, 1)),
+        ("fwd", 256, False): _c((128, 64, 8, 2), (128, 32, 8, 1), (32, 32, 4, 1)),
+        ("fwd", 64, True): _c((128, 64, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1)),
+        ("fwd", 128, True): _c((128, 64, 8, 2), (128, 32, 8, 2), (32, 16, 4, 2)),
+        ("fwd", 256, True): _c((32, 32, 4, 1), (16, 16, 4, 1)),
+        ("dkdv", 64, False): _c((32, 128, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)),
+        ("dkdv", 128, False): _c((16, 128, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
+        ("dkdv", 256, False): _c((16, 32, 4, 1), (16, 16, 4, 1)),
+        ("dkdv", 64, True): _c((16, 128, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)),
+        ("dkdv", 128, True): _c((16, 32, 4, 2), (16, 16, 4, 1)),
+        ("dkdv", 256, True): _c((16, 16, 4, 1),),
+        ("dq", 64, False): _c((128, 64, 8, 3), (64, 32, 4, 3), (16, 16, 4, 2)),
+        ("dq", 128, False): _c((128, 64, 8, 2), (64, 32, 4, 3), (16, 16, 4, 2)),
+        ("dq", 256, False): _c((128, 32, 8, 2), (128, 16, 8, 2), (32, 16, 4, 1)),
+        ("dq", 64, True): _c((128, 64, 8, 2), (64, 32, 4, 2), (16, 16, 4, 2)),
+        ("dq", 128, True): _c((128, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)),
+        ("dq", 256, True): _c((32, 32, 4, 1), (32, 16, 4, 1)),
+    }
+    if version >= (3, 9):
+        # 3.9 spills 12 bytes with the 3.6 wgmma tile here.
+        t[("dkdv", 128, False)] = _c((16, 32, 4, 2), (16, 16, 4, 2))
     for d in (64, 128, 256):
         t[("pre", d, False)] = t[("pre", d, True)] = _c((64, 0, 4, 1))
     return t
 
 
-_CONFIG_TABLES[(3, 9)] = _default_table()
-_CONFIG_TABLES[(3, 6)] = _default_table()
+_CONFIG_TABLES[(3, 6)] = _table((3, 6))
+_CONFIG_TABLES[(3, 9)] = _table((3, 9))
 
 # Under the interpreter one small config keeps CPU tests fast while still crossing block
 # boundaries at N ~ 100.
