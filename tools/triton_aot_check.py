@@ -202,14 +202,16 @@ _ATTN_FLAGS = {
 
 
 def _attention_variant(m, kind, dt, hd, fname, precision, config, fallback_ok):
-    """One attention build with the launcher's own constexprs (m.kernel_meta, m.config_meta)."""
+    """One attention build (``m``: the kernels module) with the launcher's own constexprs
+    (kernel_meta, config_meta of fused_lm.ops.attention)."""
+    a = importlib.import_module("fused_lm.ops.attention")
     dtype = _torch_dtype(dt)
     if kind == "pre":
         flags = dict(_ATTN_FLAGS["all" if fname == "varlen" else "plain"])
     else:
         flags = dict(_ATTN_FLAGS[fname])
-    ce = {**m.kernel_meta(kind, hd, dtype, precision=precision, **flags),
-          **m.config_meta(kind, config)}
+    ce = {**a.kernel_meta(kind, hd, dtype, precision=precision, **flags),
+          **a.config_meta(kind, config)}
     label = (f"{dt}{'/' + precision if dt == 'fp32' else ''} d={hd} {fname} BM={config.block_m}"
              + (f" BN={config.block_n}" if kind != "pre" else "")
              + f" w{config.num_warps} s{config.num_stages}")
@@ -224,7 +226,7 @@ def _attention_variant(m, kind, dt, hd, fname, precision, config, fallback_ok):
 def _attention_variants(kind: str):
     """Head dims 64/128/256 (and 96 and 59: the masked head-dim path), every dtype (fp32 at the
     TF32 and IEEE product precisions), every config of the launcher's list for that head dim and
-    dtype in this Triton version (m.launch_configs; later ones are fall-backs); feature flags:
+    dtype in this Triton version (launch_configs; later ones are fall-backs); feature flags:
     causal, none, all on (varlen + window + softcap + bias). Quick: the first config only."""
 
     def build(m, quick):
@@ -238,7 +240,8 @@ def _attention_variants(kind: str):
             cases = [(dt, hd, f) for dt in DT for hd in (59, 64, 96, 128, 256) for f in fnames]
         out = []
         for dt, hd, fname in cases:
-            configs = m.launch_configs(kind, hd, _torch_dtype(dt), interpreted=False)
+            configs = importlib.import_module("fused_lm.ops.attention").launch_configs(
+                kind, hd, _torch_dtype(dt), interpreted=False)
             if quick or _FIRST_CONFIG:
                 configs = configs[:1]
             # fp32: both product precisions (TF32 tensor cores; IEEE, torch's default) -- not in
@@ -269,10 +272,10 @@ _SWEEP = {
 def _attention_sweep(kind: str):
     """--attention-sweep: every candidate tile for bf16 (stages 2 and 3; 1 and 2 at d=256) and
     fp32 (TF32; stages 2, or 1 at d=256) at d = 64, 128, 256, causal: the rows to choose
-    m.launch_configs' tables from."""
+    launch_configs' tables from."""
 
     def build(m, quick):
-        from fused_lm.ops.flash_attention import Config
+        from fused_lm.ops.attention import Config
 
         if kind == "pre":
             return []
@@ -321,12 +324,12 @@ SPECS = [
           "eps": "fp32", "z_loss": "fp32", "softcap": "fp32"}, _v_ce),
     Spec("cross_entropy", "fused_lm.ops.cross_entropy", "_scale_kernel",
          {"g_ptr": "*{dt}", "s_ptr": "*fp32"}, _v_ce_scale),
-    Spec("attention", "fused_lm.ops.flash_attention", "_fwd_kernel", _FA, _attention_variants("fwd")),
-    Spec("attention", "fused_lm.ops.flash_attention", "_bwd_preprocess_kernel", _FA,
+    Spec("attention", "fused_lm.ops.attention.kernels", "_fwd_kernel", _FA, _attention_variants("fwd")),
+    Spec("attention", "fused_lm.ops.attention.kernels", "_bwd_preprocess_kernel", _FA,
          _attention_variants("pre")),
-    Spec("attention", "fused_lm.ops.flash_attention", "_bwd_dkdv_kernel", _FA,
+    Spec("attention", "fused_lm.ops.attention.kernels", "_bwd_dkdv_kernel", _FA,
          _attention_variants("dkdv")),
-    Spec("attention", "fused_lm.ops.flash_attention", "_bwd_dq_kernel", _FA,
+    Spec("attention", "fused_lm.ops.attention.kernels", "_bwd_dq_kernel", _FA,
          _attention_variants("dq")),
 ]
 # fused_lm.ops.linear_cross_entropy has no kernel of its own: it runs _ce_kernel on vocabulary
@@ -560,7 +563,7 @@ def _main(args) -> int:
         if args.only and not any(o in (spec.family, spec.kernel) or o in spec.module for o in args.only):
             continue
         mod = importlib.import_module(spec.module)
-        short = spec.module.rsplit(".", 1)[1]
+        short = spec.module.removeprefix("fused_lm.ops.")
         variants = spec.variants
         if args.attention_sweep:
             if spec.family != "attention":

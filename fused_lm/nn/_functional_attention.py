@@ -1,5 +1,5 @@
 """Functional attention: ``scaled_dot_product_attention`` (torch's signature) and
-``flash_attention`` (flash-attn's feature set), over fused_lm/ops/flash_attention.py (issues 7,
+``flash_attention`` (flash-attn's feature set), over fused_lm/ops/attention/ (issues 7,
 11, 12).
 
 Backends (fused_lm/_backend.py, op "attention"): "triton" (CUDA tensors, or CPU tensors under
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_lm import _backend
-from fused_lm.ops import flash_attention as _fa
+from fused_lm.ops import attention as _fa
 
 _warned: set[str] = set()
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch attention: the twin of fused_lm/ops/flash_attention.py (float64-capable).
+"""Plain-PyTorch attention: the twin of fused_lm/ops/attention/ (float64-capable).
 
 Materialises the (Nq, Nk) score matrix, so it is for tests, benchmarks' eager baseline and
 small inputs only. Semantics (identical to the kernel):
@@ -94,7 +94,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """fp32 values rounded to TF32 (what a GPU tensor core multiplies: 1 + 10 mantissa bits,
     round to nearest with ties away from zero, as ``cvt.rna.tf32.f32``), returned as fp32. The
-    twin of the interpreter's operand rounding in fused_lm/ops/flash_attention.py (``_tf32``).
+    twin of the interpreter's operand rounding in fused_lm/ops/attention/kernels.py (``_tf32``).
 
     A value in [2^(e-1), 2^e) keeps 11 significant bits: it is rounded to a multiple of
     2^(e-11); subnormals (fixed exponent) to multiples of 2^-136 (the same 13 dropped bits).

@@ -29,7 +29,7 @@ def _tol_dtype(dtype: torch.dtype, precision: Optional[str] = None) -> torch.dty
     kernel resolves, torch's matmul setting): TF32 rounds operands to 10 explicit mantissa bits,
     fp16's, so fp32 inputs get fp16's tolerance then, on a GPU and under the interpreter alike
     (it rounds the operands the same way)."""
-    from fused_lm.ops.flash_attention import default_precision
+    from fused_lm.ops.attention import default_precision
 
     if dtype == torch.float32 and (precision or default_precision()) == "tf32":
         return torch.float16
@@ -439,7 +439,7 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         flash_attention(qp, kp, vp, cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=4,
                         max_seqlen_k=5)
     with pytest.raises(TypeError, match="dtype"):
-        from fused_lm.ops.flash_attention import attention
+        from fused_lm.ops.attention import attention
         attention(q.double(), k.double(), v.double())
 
 
@@ -526,7 +526,7 @@ def test_tf32_rounding_matches_the_reference_bitwise():
     import triton
     import triton.language as tl
 
-    from fused_lm.ops.flash_attention import _tf32
+    from fused_lm.ops.attention.kernels import _tf32
 
     globals().update(tl=tl, _tf32=_tf32)          # a jit function resolves names in its globals
 
@@ -569,7 +569,7 @@ def _torch_fp32_precision(value: str):
 def test_default_precision_follows_torch():
     """input_precision=None follows torch's CUDA matmul setting, read when the kernels run."""
     from fused_lm.nn.functional import flash_attention
-    from fused_lm.ops.flash_attention import default_precision
+    from fused_lm.ops.attention import default_precision
 
     q, k, v = _inputs((1, 40, 2, 16), (1, 40, 2, 16), torch.float32)
     explicit = {p: flash_attention(q, k, v, input_precision=p) for p in ("ieee", "tf32")}
@@ -595,7 +595,8 @@ def test_grid_past_65535_batch_x_heads(monkeypatch):
     the launcher checks. The launches are recorded, not run: the interpreter costs milliseconds
     per program (the decoding itself runs in every other test; test_gpu_grid_past_65535 runs
     this size on a GPU)."""
-    from fused_lm.ops import flash_attention as fa
+    from fused_lm.ops import attention as fa
+    from fused_lm.ops.attention import launch
 
     launched = []
 
@@ -604,12 +605,12 @@ def test_grid_past_65535_batch_x_heads(monkeypatch):
             self.name = name
 
         def __getitem__(self, grid):
-            fa._check_grid(self.name, grid)
+            launch._check_grid(self.name, grid)
             launched.append((self.name, grid))
             return lambda *args, **kwargs: None
 
     for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-        monkeypatch.setattr(fa, name, Recorder(name))
+        monkeypatch.setattr(launch, name, Recorder(name))
     lens = [1 + i % 2 for i in range(4096)]
     q, k, v, cu_q, cu_k = _packed(lens, lens, 32, 8, 16, torch.bfloat16)
     out = fa.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2,
@@ -621,7 +622,7 @@ def test_grid_past_65535_batch_x_heads(monkeypatch):
     assert sizes["_fwd_kernel"] == sizes["_bwd_dq_kernel"] == (4096 * 32,)    # one query block
     assert sizes["_bwd_dkdv_kernel"] == (4096 * 8,)                            # per kv head
     with pytest.raises(ValueError, match="grid axis 1 exceed CUDA's limit 65535"):
-        fa._check_grid("fwd", (1, 4096 * 32))
+        launch._check_grid("fwd", (1, 4096 * 32))
 
 
 def test_int64_offsets_past_2_31_elements():
