@@ -202,16 +202,18 @@ _ATTN_FLAGS = {
 
 
 def _attention_variant(m, kind, dt, hd, fname, precision, config, fallback_ok):
-    """One attention build (``m``: the kernels module) with the launcher's own constexprs
-    (kernel_meta, config_meta of fused_lm.ops.attention)."""
+    """One attention build (``m``: the kernels module) with the launcher's own constexprs: those
+    of the Problem the launcher would build for these features (fused_lm.ops.attention)."""
     a = importlib.import_module("fused_lm.ops.attention")
     dtype = _torch_dtype(dt)
     if kind == "pre":
         flags = dict(_ATTN_FLAGS["all" if fname == "varlen" else "plain"])
     else:
         flags = dict(_ATTN_FLAGS[fname])
-    ce = {**a.kernel_meta(kind, hd, dtype, precision=precision, **flags),
-          **a.config_meta(kind, config)}
+    problem = a.Problem(dtype, hd, varlen=flags["varlen"], has_left=flags["has_left"],
+                        has_right=flags["has_right"], softcap=1.0 if flags["softcap"] else 0.0,
+                        bias=flags["bias"], precision=precision)
+    ce = {**problem.meta(kind), **a.config_meta(kind, config)}
     label = (f"{dt}{'/' + precision if dt == 'fp32' else ''} d={hd} {fname} BM={config.block_m}"
              + (f" BN={config.block_n}" if kind != "pre" else "")
              + f" w{config.num_warps} s{config.num_stages}")
@@ -240,8 +242,8 @@ def _attention_variants(kind: str):
             cases = [(dt, hd, f) for dt in DT for hd in (59, 64, 96, 128, 256) for f in fnames]
         out = []
         for dt, hd, fname in cases:
-            configs = importlib.import_module("fused_lm.ops.attention").launch_configs(
-                kind, hd, _torch_dtype(dt), interpreted=False)
+            a = importlib.import_module("fused_lm.ops.attention")
+            configs = a.Problem(_torch_dtype(dt), hd).configs(kind, interpreted=False)
             if quick or _FIRST_CONFIG:
                 configs = configs[:1]
             # fp32: both product precisions (TF32 tensor cores; IEEE, torch's default) -- not in

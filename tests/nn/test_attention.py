@@ -596,7 +596,7 @@ def test_grid_past_65535_batch_x_heads(monkeypatch):
     per program (the decoding itself runs in every other test; test_gpu_grid_past_65535 runs
     this size on a GPU)."""
     from fused_lm.ops import attention as fa
-    from fused_lm.ops.attention import launch
+    from fused_lm.ops.attention import kernels, launch
 
     launched = []
 
@@ -605,12 +605,12 @@ def test_grid_past_65535_batch_x_heads(monkeypatch):
             self.name = name
 
         def __getitem__(self, grid):
-            launch._check_grid(self.name, grid)
+            launch.check_grid(self.name, grid)
             launched.append((self.name, grid))
             return lambda *args, **kwargs: None
 
     for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-        monkeypatch.setattr(launch, name, Recorder(name))
+        monkeypatch.setattr(kernels, name, Recorder(name))
     lens = [1 + i % 2 for i in range(4096)]
     q, k, v, cu_q, cu_k = _packed(lens, lens, 32, 8, 16, torch.bfloat16)
     out = fa.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2,
@@ -622,7 +622,7 @@ def test_grid_past_65535_batch_x_heads(monkeypatch):
     assert sizes["_fwd_kernel"] == sizes["_bwd_dq_kernel"] == (4096 * 32,)    # one query block
     assert sizes["_bwd_dkdv_kernel"] == (4096 * 8,)                            # per kv head
     with pytest.raises(ValueError, match="grid axis 1 exceed CUDA's limit 65535"):
-        launch._check_grid("fwd", (1, 4096 * 32))
+        launch.check_grid("fwd", (1, 4096 * 32))
 
 
 def test_int64_offsets_past_2_31_elements():

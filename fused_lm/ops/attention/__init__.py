@@ -26,7 +26,7 @@ A query row that sees no key (possible with Nq > Nk causal, windows or an all-ma
 outputs 0 and lse = -inf.
 
 Forward (Dao, FlashAttention-2, 2023): one program per (batch x head, query block) on a 1-D
-grid (see _locate), online softmax in base 2 (s is pre-multiplied by log2(e)), fp32
+grid (see kernels._locate), online softmax in base 2 (s is pre-multiplied by log2(e)), fp32
 accumulators, lse saved in float32.
 
 Backward, with dO given and delta = rowsum(dO * O) (preprocess kernel):
@@ -50,17 +50,21 @@ Head dims: any D in [1, 256]; tiles are BLOCK_D = the next power of two >= 16 wi
 masked loads and stores on the head dim (EVEN_D skips that mask when D is a power of two).
 Addressing: batch, head and sequence starts are int64; rows inside a sequence are int32 unless
 a sequence spans more than 2**31 elements (ROW64). fp32 inputs: products at ``input_precision``
-(see _mm; the interpreter emulates TF32 by rounding the operands).
+(see kernels._mm; the interpreter emulates TF32 by rounding the operands).
+
+Files: kernels.py (the Triton kernels), launch.py (Problem: each kernel's arguments, constexprs,
+block configurations per Triton version and grid; the launcher), op.py (validation, the
+torch.library custom ops, ``attention``).
 
 Work without a GPU: the same kernels run under the Triton interpreter on CPU tensors (tests).
 No libdevice: tanh is fused_lm/ops/_tl_math.py's, from core tl operations.
 """
 
-from fused_lm.ops.attention.launch import (KINDS, MAX_HEAD_DIM, MIN_HEAD_DIM, PRECISIONS, Config,
-                                           block_d, config_meta, default_precision, grid_size,
-                                           kernel_meta, launch_configs, triton_version)
-from fused_lm.ops.attention.op import attention, checked_mode
+from fused_lm.ops.attention.launch import (KINDS, MAX_HEAD_DIM, MIN_HEAD_DIM, OP_PARAMS,
+                                           PRECISIONS, Config, Problem, block_d, config_meta,
+                                           default_precision, launch_configs, triton_version)
+from fused_lm.ops.attention.op import KERNEL_DTYPES, Call, attention, checked_mode, validate
 
-__all__ = ["KINDS", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "PRECISIONS", "Config", "attention",
-           "block_d", "checked_mode", "config_meta", "default_precision", "grid_size",
-           "kernel_meta", "launch_configs", "triton_version"]
+__all__ = ["KINDS", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "OP_PARAMS", "PRECISIONS", "KERNEL_DTYPES",
+           "Config", "Problem", "Call", "attention", "block_d", "checked_mode", "config_meta",
+           "default_precision", "launch_configs", "triton_version", "validate"]

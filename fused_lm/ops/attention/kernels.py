@@ -1,4 +1,18 @@
-"""The Triton kernels of flash attention (the math is in the package docstring)."""
+"""The Triton kernels of flash attention (the math is in the package docstring).
+
+Four kernels, launched on 1-D grids (see _locate): _fwd_kernel (out, lse), and the backward's
+_bwd_preprocess_kernel (delta = rowsum(dO * O)), _bwd_dkdv_kernel and _bwd_dq_kernel. Their
+arguments are flat (pointers, strides, sizes) and come from launch.Problem; the device helpers
+take small tuples instead, so each loop has one call site and a short signature:
+
+    seq   = (q_len, k_len, off, win_left, win_right)   the sequence and its visibility bounds
+    sc    = (qk_scale, softcap_log2)                    score scaling (see _scores)
+    kv / qdo = (a_base, b_base, stride_a, stride_b)     two row-major tiles read together
+    FEAT  = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)  constexprs
+
+The loops visit three spans of blocks -- masked, fully visible, masked: spans = (lo, u_lo, u_hi,
+hi) -- as the three unrolled iterations of a static_range (phase 1 runs without masks).
+"""
 
 from __future__ import annotations
 
@@ -54,11 +68,12 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _scores(x, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
+    def _scores(x, sc, HAS_SOFTCAP: tl.constexpr):
         # x = q k^T (fp32). Returns s in log2 units and t = tanh(scale * x / softcap) (the
         # softcap derivative needs it; x itself when there is no softcap). tanh is _tl_math's,
         # accurate to 1.5e-7 relative at every |u| (2 sigmoid(2u) - 1 loses relative accuracy
         # as u -> 0, where most scaled scores lie).
+        qk_scale, softcap_log2 = sc
         if HAS_SOFTCAP:
             t = _tanh(x * qk_scale)            # qk_scale = scale / softcap
             s = t * softcap_log2               # softcap * log2(e)
@@ -68,9 +83,9 @@ if triton is not None:
         return s, t
 
     @triton.jit
-    def _visible(qi, kj, off, q_len, k_len, win_left, win_right,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    def _visible(qi, kj, seq, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
         # qi, kj broadcast to the block: may query i see key j (bottom-right aligned)?
+        q_len, k_len, off, win_left, win_right = seq
         mask = (kj < k_len) & (qi < q_len)
         if HAS_LEFT:
             mask = mask & (kj >= qi + off - win_left)
@@ -101,10 +116,12 @@ if triton is not None:
         return b, bh % n_heads, pid - bh * n_blocks, q_start, q_len, k_start, k_len
 
     @triton.jit
-    def _key_blocks(m0, off, q_len, k_len, win_left, win_right, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-        # Key blocks for query rows [m0, m0 + BLOCK_M): [lo, u_lo) masked, [u_lo, u_hi) fully
-        # visible to every row (no mask, no bounds check), [u_hi, hi) masked.
+    def _key_blocks(m0, seq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+        # Key blocks for query rows [m0, m0 + BLOCK_M), as (lo, u_lo, u_hi, hi): [lo, u_lo)
+        # masked, [u_lo, u_hi) fully visible to every row (no mask, no bounds check), [u_hi, hi)
+        # masked.
+        q_len, k_len, off, win_left, win_right = seq
         m_last = m0 + BLOCK_M - 1
         lo = m0 * 0
         full_lo = m0 * 0
@@ -120,15 +137,15 @@ if triton is not None:
         u_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
         u_hi = (full_hi // BLOCK_N) * BLOCK_N
         u_lo = tl.minimum(tl.maximum(u_lo, lo), hi)
-        u_hi = tl.maximum(u_hi, u_lo)
-        return lo, u_lo, u_hi, hi
+        return lo, u_lo, tl.maximum(u_hi, u_lo), hi
 
     @triton.jit
-    def _query_blocks(n0, off, q_len, win_left, win_right, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    def _query_blocks(n0, seq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
         # Query blocks that see keys [n0, n0 + BLOCK_N): row i sees key j iff
         # j - off - right <= i <= j - off + left. Same split as _key_blocks; the unmasked blocks
         # lie entirely inside [0, q_len).
+        q_len, k_len, off, win_left, win_right = seq
         n_last = n0 + BLOCK_N - 1
         lo = n0 * 0
         full_lo = n0 * 0
@@ -144,20 +161,21 @@ if triton is not None:
         u_lo = ((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         u_hi = (full_hi // BLOCK_M) * BLOCK_M
         u_lo = tl.minimum(tl.maximum(u_lo, lo), hi)
-        u_hi = tl.maximum(u_hi, u_lo)
-        return lo, u_lo, u_hi, hi
+        return lo, u_lo, tl.maximum(u_hi, u_lo), hi
 
     @triton.jit
-    def _load_rows(a_base, b_base, row0, stride_a, stride_b, offs_r, offs_d, n_rows, mask_d,
-                   MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, ROW64: tl.constexpr):
-        # Rows row0 + offs_r of two (rows, D) matrices (k and v, or q and dO; D contiguous) from
-        # the start of one sequence, as (R, BLOCK_D) tiles. Rows at or past n_rows (MASK_ROWS) and
-        # the padded head-dim columns (unless EVEN_D) read as 0. One call for both tiles: the
-        # interpreter pays milliseconds per jit-function call.
+    def _load_rows(pair, row0, offs_r, offs_d, n_rows, mask_d, MASK_ROWS: tl.constexpr,
+                   EVEN_D: tl.constexpr, ROW64: tl.constexpr):
+        # Rows row0 + offs_r of two (rows, D) matrices, pair = (a_base, b_base, stride_a,
+        # stride_b) (k and v, or q and dO; D contiguous) from the start of one sequence, as
+        # (R, BLOCK_D) tiles. Rows at or past n_rows (MASK_ROWS) and the padded head-dim columns
+        # (unless EVEN_D) read as 0. One call for both tiles: the interpreter pays milliseconds
+        # per jit-function call.
         # Row offsets are int32 unless a sequence spans more than 2**31 elements (ROW64): an int64
         # tile base plus int32 in-tile offsets would be cheaper to compute, but the compiler then
         # hoists the loop-invariant (R, D) offset tensors out of the loops and keeps them in
         # registers (sm_90 builds: dK/dV at d=128 spilled 1036 bytes instead of 0).
+        a_base, b_base, stride_a, stride_b = pair
         rows = row0 + offs_r
         if ROW64:
             rows = rows.to(tl.int64)
@@ -176,30 +194,32 @@ if triton is not None:
         return a, b
 
     @triton.jit
-    def _store_tile(base, row0, stride_row, offs_r, offs_d, n_rows, mask_d, x):
+    def _store_rows(base, row0, stride_row, offs_r, offs_d, n_rows, mask_d, x):
         tile = base + tl.cast(row0, tl.int64) * stride_row
         tl.store(tile + offs_r[:, None] * stride_row + offs_d[None, :], x,
                  mask=((row0 + offs_r)[:, None] < n_rows) & mask_d[None, :])
 
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn,
-                   offs_m, offs_n0, offs_d, mask_d, start, end, off, q_len, k_len,
-                   win_left, win_right, qk_scale, softcap_log2,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
+    def _fwd_inner(acc, l_i, m_i, q, kv, bias_base, offs_m, offs_d, mask_d, start, end, seq, sc,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEAT: tl.constexpr):
+        # Online softmax over key blocks [start, end): acc (BM, D), l_i and m_i (BM,) in base 2.
+        EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64 = FEAT
+        k_len = seq[1]
+        offs_n0 = tl.arange(0, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_n0
-            k, v = _load_rows(k_base, v_base, n0, stride_kn, stride_vn, offs_n0, offs_d, k_len,
-                              mask_d, MASKED, EVEN_D, ROW64)                               # (BN, D)
-            s, t = _scores(_mm(q, tl.trans(k), None, PRECISION), qk_scale, softcap_log2,
-                           HAS_SOFTCAP)                                             # (BM, BN)
+            k, v = _load_rows(kv, n0, offs_n0, offs_d, k_len, mask_d, MASKED, EVEN_D,
+                              ROW64)                                                # (BN, D)
+            s, t = _scores(_mm(q, tl.trans(k), None, PRECISION), sc, HAS_SOFTCAP)   # (BM, BN)
             if HAS_BIAS:
                 bias = tl.load(bias_base + offs_n, mask=offs_n < k_len, other=0.0)
                 s = s + bias[None, :] * 1.4426950408889634
             if MASKED:
-                vis = _visible(offs_m[:, None], offs_n[None, :], off, q_len, k_len,
-                               win_left, win_right, HAS_LEFT, HAS_RIGHT)
+                vis = _visible(offs_m[:, None], offs_n[None, :], seq, HAS_LEFT, HAS_RIGHT)
                 s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen only masked keys keeps m = -inf: shift by 0 instead (no NaN).
@@ -234,44 +254,37 @@ if triton is not None:
         b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_M)
         offs_m = m0 + offs_r
-        offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qn
                     + offs_r[:, None] * stride_qn + offs_d[None, :],
                     mask=(offs_m < q_len)[:, None] & mask_d[None, :], other=0.0)   # (BM, D)
-        k_base = K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn
-        v_base = V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn
-        bias_base = BIAS + b64 * stride_bb
-        off = k_len - q_len
-        lo, u_lo, u_hi, hi = _key_blocks(m0, off, q_len, k_len, win_left, win_right,
-                                         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        kv = (K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn,
+              V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn, stride_kn, stride_vn)
+        seq = (q_len, k_len, k_len - q_len, win_left, win_right)
+        sc = (qk_scale, softcap_log2)
+        spans = _key_blocks(m0, seq, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
-                                   stride_vn, offs_m, offs_n0, offs_d, mask_d, lo, u_lo, off,
-                                   q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                   HAS_BIAS, PRECISION, ROW64)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
-                                   stride_vn, offs_m, offs_n0, offs_d, mask_d, u_lo, u_hi, off,
-                                   q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                   HAS_BIAS, PRECISION, ROW64)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn,
-                                   stride_vn, offs_m, offs_n0, offs_d, mask_d, u_hi, hi, off,
-                                   q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                   BLOCK_N, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                   HAS_BIAS, PRECISION, ROW64)
+        FEAT = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
+        for phase in tl.static_range(3):
+            start, end = spans[phase], spans[phase + 1]
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kv, BIAS + b64 * stride_bb, offs_m,
+                                       offs_d, mask_d, start, end, seq, sc, BLOCK_N, phase != 1,
+                                       FEAT)
         empty = l_i == 0.0                                # rows that see no key: O = 0, lse = -inf
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        _store_tile(O + b64 * stride_ob + h64 * stride_oh + q_start * stride_on, m0, stride_on,
+        _store_rows(O + b64 * stride_ob + h64 * stride_oh + q_start * stride_on, m0, stride_on,
                     offs_r, offs_d, q_len, mask_d, out.to(O.dtype.element_ty))
         tl.store(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse,
                  mask=offs_m < q_len)
+
+    # ------------------------------------------------------------------------------------------
+    # Backward
+    # ------------------------------------------------------------------------------------------
 
     @triton.jit
     def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_on, stride_oh,
@@ -289,25 +302,27 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
-        o, do = _load_rows(O + b64 * stride_ob + h64 * stride_oh + q_start * stride_on,
-                           DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don, m0,
-                           stride_on, stride_don, offs_r, offs_d, q_len, mask_d, True, False, ROW64)
+        pair = (O + b64 * stride_ob + h64 * stride_oh + q_start * stride_on,
+                DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don,
+                stride_on, stride_don)
+        o, do = _load_rows(pair, m0, offs_r, offs_d, q_len, mask_d, True, False, ROW64)
         tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + m0 + offs_r,
                  tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m0 + offs_r < q_len)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
-                    stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, start, end, off,
-                    q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
-        # Scores are computed transposed, (BN, BM), so that dV += P^T dO and dK += dX^T Q are
-        # plain dots with no transposed operand to materialise.
+    def _dkdv_inner(dk, dv, k, v, bias_log2, qdo, lse_base, delta_base, offs_n, offs_d, mask_d,
+                    start, end, seq, sc, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    FEAT: tl.constexpr):
+        # dK, dV of one key block over query blocks [start, end). Scores are computed
+        # transposed, (BN, BM), so that dV += P^T dO and dK += dX^T Q are plain dots with no
+        # transposed operand to materialise.
+        EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64 = FEAT
+        q_len = seq[0]
+        offs_m0 = tl.arange(0, BLOCK_M)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + offs_m0
-            q, do = _load_rows(q_base, do_base, m0, stride_qn, stride_don, offs_m0, offs_d, q_len,
-                               mask_d, MASKED, EVEN_D, ROW64)                              # (BM, D)
+            q, do = _load_rows(qdo, m0, offs_m0, offs_d, q_len, mask_d, MASKED, EVEN_D,
+                               ROW64)                                               # (BM, D)
             if MASKED:
                 row_mask = offs_m < q_len
                 lse = tl.load(lse_base + offs_m, mask=row_mask, other=float("inf"))
@@ -317,17 +332,15 @@ if triton is not None:
                 delta = tl.load(delta_base + offs_m)
             # Rows that saw no key have lse = -inf: use +inf so their P is 0, not NaN.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            s_t, t_t = _scores(_mm(k, tl.trans(q), None, PRECISION), qk_scale, softcap_log2,
-                               HAS_SOFTCAP)
+            s_t, t_t = _scores(_mm(k, tl.trans(q), None, PRECISION), sc, HAS_SOFTCAP)
             if HAS_BIAS:
                 s_t = s_t + bias_log2[:, None]
             if MASKED:
-                vis = _visible(offs_m[None, :], offs_n[:, None], off, q_len, k_len,
-                               win_left, win_right, HAS_LEFT, HAS_RIGHT)
+                vis = _visible(offs_m[None, :], offs_n[:, None], seq, HAS_LEFT, HAS_RIGHT)
                 s_t = tl.where(vis, s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse2[None, :])                                      # (BN, BM)
             dv = _mm(p_t.to(do.dtype), do, dv, PRECISION)
-            dp_t = _mm(v, tl.trans(do), None, PRECISION)                                 # (BN, BM)
+            dp_t = _mm(v, tl.trans(do), None, PRECISION)                            # (BN, BM)
             ds_t = p_t * (dp_t - delta[None, :])
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
@@ -358,66 +371,56 @@ if triton is not None:
         b64, hkv64 = b.to(tl.int64), h_kv.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_N)
         offs_n = n0 + offs_r
-        offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
-        k, v = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn,
-                          V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn, n0,
-                          stride_kn, stride_vn, offs_r, offs_d, k_len, mask_d, True, EVEN_D, ROW64)
+        kv = (K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn,
+              V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn, stride_kn, stride_vn)
+        k, v = _load_rows(kv, n0, offs_r, offs_d, k_len, mask_d, True, EVEN_D, ROW64)  # (BN, D)
         bias_log2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if HAS_BIAS:
             bias_log2 = tl.load(BIAS + b64 * stride_bb + offs_n, mask=offs_n < k_len,
                                 other=0.0) * 1.4426950408889634
-        off = k_len - q_len
-        lo, u_lo, u_hi, hi = _query_blocks(n0, off, q_len, win_left, win_right, BLOCK_M, BLOCK_N,
-                                           HAS_LEFT, HAS_RIGHT)
+        seq = (q_len, k_len, k_len - q_len, win_left, win_right)
+        sc = (qk_scale, softcap_log2)
+        spans = _query_blocks(n0, seq, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        FEAT = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         for g in range(0, group):
             h64 = hkv64 * group + g
-            q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn
-            do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don
+            qdo = (Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn,
+                   DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don,
+                   stride_qn, stride_don)
             lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
             delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
-            dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
-                                 stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, lo, u_lo,
-                                 off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                 HAS_BIAS, PRECISION, ROW64)
-            dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
-                                 stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, u_lo, u_hi,
-                                 off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, False, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                 HAS_BIAS, PRECISION, ROW64)
-            dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, q_base, do_base, lse_base, delta_base,
-                                 stride_qn, stride_don, offs_n, offs_m0, offs_d, mask_d, u_hi, hi,
-                                 off, q_len, k_len, win_left, win_right, qk_scale, softcap_log2,
-                                 BLOCK_M, True, EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                 HAS_BIAS, PRECISION, ROW64)
+            for phase in tl.static_range(3):
+                start, end = spans[phase], spans[phase + 1]
+                dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, qdo, lse_base, delta_base, offs_n,
+                                     offs_d, mask_d, start, end, seq, sc, BLOCK_M, phase != 1,
+                                     FEAT)
         dk = dk * sm_scale
-        _store_tile(DK + b64 * stride_dkb + hkv64 * stride_dkh + k_start * stride_dkn, n0,
+        _store_rows(DK + b64 * stride_dkb + hkv64 * stride_dkh + k_start * stride_dkn, n0,
                     stride_dkn, offs_r, offs_d, k_len, mask_d, dk.to(DK.dtype.element_ty))
-        _store_tile(DV + b64 * stride_dvb + hkv64 * stride_dvh + k_start * stride_dvn, n0,
+        _store_rows(DV + b64 * stride_dvb + hkv64 * stride_dvh + k_start * stride_dvn, n0,
                     stride_dvn, offs_r, offs_d, k_len, mask_d, dv.to(DV.dtype.element_ty))
 
     @triton.jit
-    def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
-                  offs_m, offs_n0, offs_d, mask_d, start, end, off, q_len, k_len,
-                  win_left, win_right, qk_scale, softcap_log2,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
+    def _dq_inner(dq, q, do, lse2, delta, kv, bias_base, offs_m, offs_d, mask_d, start, end, seq,
+                  sc, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEAT: tl.constexpr):
+        # dQ of one query block over key blocks [start, end).
+        EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64 = FEAT
+        k_len = seq[1]
+        offs_n0 = tl.arange(0, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_n0
-            k, v = _load_rows(k_base, v_base, n0, stride_kn, stride_vn, offs_n0, offs_d, k_len,
-                              mask_d, MASKED, EVEN_D, ROW64)                               # (BN, D)
-            s, t = _scores(_mm(q, tl.trans(k), None, PRECISION), qk_scale, softcap_log2, HAS_SOFTCAP)
+            k, v = _load_rows(kv, n0, offs_n0, offs_d, k_len, mask_d, MASKED, EVEN_D,
+                              ROW64)                                                # (BN, D)
+            s, t = _scores(_mm(q, tl.trans(k), None, PRECISION), sc, HAS_SOFTCAP)
             if HAS_BIAS:
                 bias = tl.load(bias_base + offs_n, mask=offs_n < k_len, other=0.0)
                 s = s + bias[None, :] * 1.4426950408889634
             if MASKED:
-                vis = _visible(offs_m[:, None], offs_n[None, :], off, q_len, k_len,
-                               win_left, win_right, HAS_LEFT, HAS_RIGHT)
+                vis = _visible(offs_m[:, None], offs_n[None, :], seq, HAS_LEFT, HAS_RIGHT)
                 s = tl.where(vis, s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])                                          # (BM, BN)
             dp = _mm(do, tl.trans(v), None, PRECISION)
@@ -449,37 +452,33 @@ if triton is not None:
         b64, h64, hkv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_M)
         offs_m = m0 + offs_r
-        offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         row_mask = offs_m < q_len
-        q, do = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn,
-                           DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don, m0,
-                           stride_qn, stride_don, offs_r, offs_d, q_len, mask_d, True, EVEN_D, ROW64)
+        qdo = (Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn,
+               DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_don,
+               stride_qn, stride_don)
+        q, do = _load_rows(qdo, m0, offs_r, offs_d, q_len, mask_d, True, EVEN_D, ROW64)
         lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_mask,
                       other=float("inf"))
         delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m,
                         mask=row_mask, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        k_base = K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn
-        v_base = V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn
-        bias_base = BIAS + b64 * stride_bb
-        off = k_len - q_len
-        lo, u_lo, u_hi, hi = _key_blocks(m0, off, q_len, k_len, win_left, win_right,
-                                         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        kv = (K + b64 * stride_kb + hkv64 * stride_kh + k_start * stride_kn,
+              V + b64 * stride_vb + hkv64 * stride_vh + k_start * stride_vn, stride_kn, stride_vn)
+        seq = (q_len, k_len, k_len - q_len, win_left, win_right)
+        sc = (qk_scale, softcap_log2)
+        spans = _key_blocks(m0, seq, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
-                       offs_m, offs_n0, offs_d, mask_d, lo, u_lo, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT,
-                       HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
-                       offs_m, offs_n0, offs_d, mask_d, u_lo, u_hi, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, False, EVEN_D, HAS_LEFT,
-                       HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_vn,
-                       offs_m, offs_n0, offs_d, mask_d, u_hi, hi, off, q_len, k_len, win_left,
-                       win_right, qk_scale, softcap_log2, BLOCK_N, True, EVEN_D, HAS_LEFT,
-                       HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
+        FEAT = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
+        for phase in tl.static_range(3):
+            start, end = spans[phase], spans[phase + 1]
+            dq = _dq_inner(dq, q, do, lse2, delta, kv, BIAS + b64 * stride_bb, offs_m, offs_d,
+                           mask_d, start, end, seq, sc, BLOCK_N, phase != 1, FEAT)
         dq = dq * sm_scale
-        _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqn, m0,
+        _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqn, m0,
                     stride_dqn, offs_r, offs_d, q_len, mask_d, dq.to(DQ.dtype.element_ty))
+
+
+KERNELS = {"fwd": "_fwd_kernel", "pre": "_bwd_preprocess_kernel", "dkdv": "_bwd_dkdv_kernel",
+           "dq": "_bwd_dq_kernel"}

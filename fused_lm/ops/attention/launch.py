@@ -1,24 +1,22 @@
-"""Launching the attention kernels: constexprs, block configurations, grid, and the host
-functions (allocate -> grid -> launch). The launcher and tools/triton_aot_check.py read these;
-nothing else repeats them."""
+"""Launching the attention kernels: one Problem per call, built by validation (op.py), yields
+every kernel's arguments, constexprs, block configurations and grid -- for the launcher here
+and for tools/triton_aot_check.py alike (nothing else repeats them).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
 from fused_lm import _backend
-from fused_lm.ops.attention.kernels import (_bwd_dkdv_kernel, _bwd_dq_kernel,
-                                            _bwd_preprocess_kernel, _fwd_kernel)
+from fused_lm.ops.attention import kernels as _k
 
 try:
     import triton
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
-
-MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
-_LOG2E = 1.4426950408889634
 
 try:  # where Triton reports "out of shared memory / registers" at launch (3.x)
     from triton.runtime.errors import OutOfResources as _OutOfResources
@@ -27,7 +25,17 @@ except Exception:  # pragma: no cover - older layouts
 
 KINDS = ("fwd", "pre", "dkdv", "dq")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+_LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
+_BOUND_CLAMP = 2**30          # window bounds beyond any sequence length are clamped to this
+MAX_BLOCK_ROWS = 256          # no config has more rows per tile
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)      # CUDA's gridDim.x, .y, .z
 
+
+# ----------------------------------------------------------------------------------------------
+# Block configurations
+# ----------------------------------------------------------------------------------------------
 
 class Config(NamedTuple):
     block_m: int          # query rows per block (every kernel)
@@ -129,74 +137,16 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype,
     return _table_for(version)[(kind, bucket, dtype == torch.float32)]
 
 
-def kernel_meta(kind: str, head_dim: int, dtype: torch.dtype, *, varlen: bool, has_left: bool,
-                has_right: bool, softcap: bool, bias: bool, precision: str,
-                row64: bool = False) -> dict:
-    """The constexprs of kernel ``kind`` except BLOCK_M/BLOCK_N (they come with the config).
-    ``row64``: some sequence spans more than 2**31 elements (row offsets in int64)."""
-    bd = block_d(head_dim)
-    if kind == "pre":
-        return dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_VARLEN=varlen, ROW64=row64)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=bd, EVEN_D=head_dim == bd, IS_VARLEN=varlen,
-                HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap, HAS_BIAS=bias,
-                # One compiled variant for fp16/bf16, where the operand precision is moot.
-                PRECISION=precision if dtype == torch.float32 else "ieee", ROW64=row64)
-
-
-def _row64(seqlen: int, *tensors: torch.Tensor) -> bool:
-    """Whether row offsets within a sequence (rows up to seqlen plus one block) times the token
-    stride of any of ``tensors`` pass int32."""
-    return any((seqlen + _MAX_BLOCK_ROWS) * abs(t.stride(-3)) > _INT32_MAX for t in tensors)
-
-
 def config_meta(kind: str, config: Config) -> dict:
+    """The block constexprs of ``config`` for kernel ``kind``."""
     if kind == "pre":
         return dict(BLOCK_M=config.block_m)
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n)
 
 
-def grid_size(kind: str, config: Config, batch: int, heads: int, seqlen_q: int,
-              seqlen_k: int) -> int:
-    """Programs of the 1-D grid (see _locate): blocks x batch x heads (kv heads for dkdv)."""
-    if kind == "dkdv":
-        return triton.cdiv(seqlen_k, config.block_n) * batch * heads
-    return triton.cdiv(seqlen_q, config.block_m) * batch * heads
-
-
-_GRID_LIMITS = (2**31 - 1, 65535, 65535)      # CUDA's gridDim.x, .y, .z
-_chosen: dict[tuple, int] = {}
-
-
-def _check_grid(kind: str, grid: tuple) -> None:
-    for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
-        if n > limit:
-            raise ValueError(f"flash attention {kind}: {n} programs on grid axis {axis} exceed "
-                             f"CUDA's limit {limit} (batch x heads x blocks); split the batch")
-
-
-def _launch(kernel, kind: str, head_dim: int, dtype: torch.dtype, sizes: tuple, args,
-            meta: dict) -> None:
-    """Launches ``kernel`` with the first config that fits; remembers the one that did.
-    ``sizes`` = (batch, heads, seqlen_q, seqlen_k) for grid_size."""
-    configs = launch_configs(kind, head_dim, dtype)
-    key = (kind, head_dim, dtype, tuple(sorted(meta.items())))
-    first = _chosen.get(key, 0)
-    error = None
-    for i in range(first, len(configs)):
-        config = configs[i]
-        grid = (grid_size(kind, config, *sizes),)
-        _check_grid(kind, grid)
-        try:
-            kernel[grid](*args, **meta, **config_meta(kind, config),
-                                num_warps=config.num_warps, num_stages=config.num_stages)
-        except _OutOfResources as exc:  # type: ignore[misc]
-            error = exc
-            continue
-        _chosen[key] = i
-        return
-    raise RuntimeError(f"flash attention {kind}: no block configuration fits this GPU "
-                       f"(head dim {head_dim}, {dtype})") from error
-
+# ----------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------
 
 def default_precision() -> str:
     """The fp32 operand precision torch uses for CUDA matmuls: "tf32" when TF32 is allowed
@@ -219,18 +169,9 @@ def default_precision() -> str:
         return "tf32" if getattr(matmul, "allow_tf32", False) else "ieee"
 
 
-def _precision(value: str) -> str:
-    return default_precision() if value == "" else value
-
-
 # ----------------------------------------------------------------------------------------------
-# Host functions: check -> allocate -> grid -> launch
+# The problem
 # ----------------------------------------------------------------------------------------------
-
-_INT32_MAX = 2**31 - 1
-_BOUND_CLAMP = 2**30          # window bounds beyond any sequence length are clamped to this
-_MAX_BLOCK_ROWS = 256         # no config has more rows per tile
-
 
 def _bsh(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(stride_batch, stride_token, stride_head) of a (B, N, H, D) or varlen (T, H, D) tensor."""
@@ -243,92 +184,198 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def _dims(q, k, cu_q, max_q, max_k):
-    varlen = cu_q is not None
-    if varlen:
-        batch, n_heads, n_kv_heads = cu_q.shape[0] - 1, q.shape[1], k.shape[1]
-        seqlen_q, seqlen_k = max_q, max_k
-    else:
-        batch, seqlen_q, n_heads = q.shape[0], q.shape[1], q.shape[2]
-        seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
-    return varlen, batch, n_heads, n_kv_heads, seqlen_q, seqlen_k
+def _row64(seqlen: int, *tensors: torch.Tensor) -> bool:
+    """Whether row offsets within a sequence (rows up to seqlen plus one block) times the token
+    stride of any of ``tensors`` pass int32."""
+    return any((seqlen + MAX_BLOCK_ROWS) * abs(t.stride(-3)) > _INT32_MAX for t in tensors)
 
 
-def _scalars(scale: float, softcap: float, has_left, left, has_right, right):
-    qk_scale = scale / softcap if softcap > 0 else scale * _LOG2E
-    clamp = lambda x: max(-_BOUND_CLAMP, min(_BOUND_CLAMP, int(x)))  # noqa: E731
-    return (qk_scale, softcap * _LOG2E, clamp(left) if has_left else 0,
-            clamp(right) if has_right else 0)
+def check_grid(kind: str, grid: tuple) -> None:
+    for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"flash attention {kind}: {n} programs on grid axis {axis} exceed "
+                             f"CUDA's limit {limit} (batch x heads x blocks); split the batch")
 
 
-def _forward_impl(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, has_left, left, has_right,
-                  right, softcap, precision):
-    varlen, batch, n_heads, n_kv_heads, seqlen_q, seqlen_k = _dims(q, k, cu_q, max_q, max_k)
-    head_dim = q.shape[-1]
+# The scalar arguments of the custom ops (op.py), in order: their schema is written from this.
+OP_PARAMS = (("max_seqlen_q", "int"), ("max_seqlen_k", "int"), ("scale", "float"),
+             ("has_left", "bool"), ("left", "int"), ("has_right", "bool"), ("right", "int"),
+             ("softcap", "float"), ("precision", "str"))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call after validation: sizes, features and the fp32 product precision.
+
+    ``seqlen_q/k`` are the longest sequences when packed (``varlen``). The visibility bounds
+    are final (causal folded in, bottom-right aligned, see the package docstring); ``left`` /
+    ``right`` mean nothing without ``has_left`` / ``has_right``. ``precision`` "" follows torch's
+    setting when the kernels run. ``row64``: some sequence spans more than 2**31 elements."""
+
+    dtype: torch.dtype
+    head_dim: int
+    batch: int = 1
+    n_heads: int = 1
+    n_kv_heads: int = 1
+    seqlen_q: int = 1
+    seqlen_k: int = 1
+    varlen: bool = False
+    scale: float = 1.0
+    softcap: float = 0.0
+    has_left: bool = False
+    left: int = 0
+    has_right: bool = False
+    right: int = 0
+    bias: bool = False
+    precision: str = ""
+    row64: bool = False
+
+    @classmethod
+    def of(cls, q, k, bias, cu_q, max_q, max_k, scale, has_left, left, has_right, right,
+           softcap, precision, *row_tensors) -> "Problem":
+        """The problem of the custom op's inputs: q, k, bias, cu_seqlens_q, then OP_PARAMS
+        (``row_tensors``: every (., D) tensor the kernels address besides q and k, for row64)."""
+        varlen = cu_q is not None
+        if varlen:
+            batch, n_heads, n_kv_heads = cu_q.shape[0] - 1, q.shape[1], k.shape[1]
+            seqlen_q, seqlen_k = max_q, max_k
+        else:
+            batch, seqlen_q, n_heads = q.shape[0], q.shape[1], q.shape[2]
+            seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+        row64 = _row64(seqlen_q, q, *row_tensors) or _row64(seqlen_k, k, *row_tensors)
+        return cls(q.dtype, q.shape[-1], batch, n_heads, n_kv_heads, seqlen_q, seqlen_k, varlen,
+                   scale, softcap, has_left, left, has_right, right, bias is not None, precision,
+                   row64)
+
+    def op_params(self) -> tuple:
+        """The custom ops' scalar arguments, in the order of OP_PARAMS."""
+        return (self.seqlen_q, self.seqlen_k, self.scale, self.has_left, self.left,
+                self.has_right, self.right, self.softcap, self.precision)
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def meta(self, kind: str) -> dict:
+        """The constexprs of kernel ``kind`` except BLOCK_M/BLOCK_N (they come with the
+        config)."""
+        bd = block_d(self.head_dim)
+        if kind == "pre":
+            return dict(HEAD_DIM=self.head_dim, BLOCK_D=bd, IS_VARLEN=self.varlen, ROW64=self.row64)
+        precision = self.precision or default_precision()
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=bd, EVEN_D=self.head_dim == bd,
+                    IS_VARLEN=self.varlen, HAS_LEFT=self.has_left, HAS_RIGHT=self.has_right,
+                    HAS_SOFTCAP=self.softcap > 0, HAS_BIAS=self.bias,
+                    # One compiled variant for fp16/bf16, where the operand precision is moot.
+                    PRECISION=precision if self.dtype == torch.float32 else "ieee",
+                    ROW64=self.row64)
+
+    def configs(self, kind: str, interpreted: Optional[bool] = None) -> list[Config]:
+        return launch_configs(kind, self.head_dim, self.dtype, interpreted=interpreted)
+
+    def grid(self, kind: str, config: Config) -> tuple[int]:
+        """The 1-D grid (see kernels._locate): blocks x batch x heads (kv heads for dkdv)."""
+        if kind == "dkdv":
+            return (triton.cdiv(self.seqlen_k, config.block_n) * self.batch * self.n_kv_heads,)
+        return (triton.cdiv(self.seqlen_q, config.block_m) * self.batch * self.n_heads,)
+
+    def _scalars(self):
+        qk_scale = self.scale / self.softcap if self.softcap > 0 else self.scale * _LOG2E
+        clamp = lambda x: max(-_BOUND_CLAMP, min(_BOUND_CLAMP, int(x)))  # noqa: E731
+        return (qk_scale, self.softcap * _LOG2E, clamp(self.left) if self.has_left else 0,
+                clamp(self.right) if self.has_right else 0)
+
+    def args(self, kind: str, t: dict) -> tuple:
+        """The runtime arguments of kernel ``kind`` from the tensors ``t`` (q, k, v, out, lse,
+        bias, cu_q, cu_k; dout, delta, dq, dk, dv for the backward); absent optional tensors are
+        replaced by lse (never read)."""
+        vl = self.varlen
+        lse = t["lse"]
+        cu_q = t["cu_q"] if vl else lse
+        cu_k = t["cu_k"] if vl else lse
+        lse_strides = _lse_strides(lse, vl)
+        if kind == "pre":
+            return (t["out"], t["dout"], t["delta"], cu_q, *_bsh(t["out"], vl),
+                    *_bsh(t["dout"], vl), *lse_strides, self.seqlen_q, self.n_heads)
+        bias = t["bias"] if t["bias"] is not None else lse
+        bias_stride = t["bias"].stride(0) if t["bias"] is not None else 0
+        qk_scale, softcap_log2, wl, wr = self._scalars()
+        sizes = (self.seqlen_q, self.seqlen_k)
+        if kind == "fwd":
+            return (t["q"], t["k"], t["v"], t["out"], lse, bias, cu_q, cu_k,
+                    qk_scale, softcap_log2, wl, wr,
+                    *_bsh(t["q"], vl), *_bsh(t["k"], vl), *_bsh(t["v"], vl), *_bsh(t["out"], vl),
+                    *lse_strides, bias_stride, *sizes, self.n_heads, self.group)
+        head = (t["q"], t["k"], t["v"], t["dout"], lse, t["delta"], bias)
+        common = (qk_scale, softcap_log2, self.scale, wl, wr,
+                  *_bsh(t["q"], vl), *_bsh(t["k"], vl), *_bsh(t["v"], vl), *_bsh(t["dout"], vl))
+        if kind == "dkdv":
+            return (*head, t["dk"], t["dv"], cu_q, cu_k, *common, *_bsh(t["dk"], vl),
+                    *_bsh(t["dv"], vl), *lse_strides, bias_stride, *sizes, self.n_kv_heads,
+                    self.group)
+        return (*head, t["dq"], cu_q, cu_k, *common, *_bsh(t["dq"], vl), *lse_strides,
+                bias_stride, *sizes, self.n_heads, self.group)
+
+    def launch(self, kind: str, tensors: dict) -> None:
+        """Launches kernel ``kind`` with the first config that fits; remembers the one that
+        did (later configs are fall-backs for OutOfResources)."""
+        kernel = getattr(_k, _k.KERNELS[kind])
+        meta = self.meta(kind)
+        configs = self.configs(kind)
+        key = (kind, self.head_dim, self.dtype, tuple(sorted(meta.items())))
+        args = self.args(kind, tensors)
+        error = None
+        for i in range(_chosen.get(key, 0), len(configs)):
+            config = configs[i]
+            grid = self.grid(kind, config)
+            check_grid(kind, grid)
+            try:
+                kernel[grid](*args, **meta, **config_meta(kind, config),
+                             num_warps=config.num_warps, num_stages=config.num_stages)
+            except _OutOfResources as exc:  # type: ignore[misc]
+                error = exc
+                continue
+            _chosen[key] = i
+            return
+        raise RuntimeError(f"flash attention {kind}: no block configuration fits this GPU "
+                           f"(head dim {self.head_dim}, {self.dtype})") from error
+
+
+_chosen: dict[tuple, int] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and backward: allocate -> launch
+# ----------------------------------------------------------------------------------------------
+
+def forward(q, k, v, bias, cu_q, cu_k, *params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for the custom op's inputs (params: OP_PARAMS)."""
     out = torch.empty_like(q)
-    if varlen:
-        lse = torch.empty((n_heads, q.shape[0]), dtype=torch.float32, device=q.device)
+    p = Problem.of(q, k, bias, cu_q, *params, v, out)
+    if p.varlen:
+        lse = torch.empty((p.n_heads, q.shape[0]), dtype=torch.float32, device=q.device)
     else:
-        lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or seqlen_q == 0:
+        lse = torch.empty((p.batch, p.n_heads, p.seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or p.seqlen_q == 0:
         return out, lse
-    qk_scale, softcap_log2, wl, wr = _scalars(scale, softcap, has_left, left, has_right, right)
-    dummy = lse
-    args = (q, k, v, out, lse, bias if bias is not None else dummy,
-            cu_q if varlen else dummy, cu_k if varlen else dummy,
-            qk_scale, softcap_log2, wl, wr,
-            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen),
-            *_lse_strides(lse, varlen), bias.stride(0) if bias is not None else 0,
-            seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads)
-    meta = kernel_meta("fwd", head_dim, q.dtype, varlen=varlen, has_left=has_left,
-                       has_right=has_right, softcap=softcap > 0, bias=bias is not None,
-                       precision=_precision(precision),
-                       row64=_row64(seqlen_q, q, out) or _row64(seqlen_k, k, v))
-    _launch(_fwd_kernel, "fwd", head_dim, q.dtype, (batch, n_heads, seqlen_q, seqlen_k), args,
-            meta)
+    p.launch("fwd", dict(q=q, k=k, v=v, out=out, lse=lse, bias=bias, cu_q=cu_q, cu_k=cu_k))
     return out, lse
 
 
-def _backward_impl(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, has_left,
-                   left, has_right, right, softcap, precision):
-    varlen, batch, n_heads, n_kv_heads, seqlen_q, seqlen_k = _dims(q, k, cu_q, max_q, max_k)
-    head_dim = q.shape[-1]
+def backward(dout, q, k, v, out, lse, bias, cu_q, cu_k, *params):
+    """(dq, dk, dv) for the custom op's inputs (params: OP_PARAMS)."""
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    p = Problem.of(q, k, bias, cu_q, *params, v, out, dout, dq, dk, dv)
     if dk.numel() == 0 and dq.numel() == 0:
         return dq, dk, dv
-    if seqlen_q == 0 or dq.numel() == 0:      # no query: no gradient reaches k and v
+    if p.seqlen_q == 0 or dq.numel() == 0:      # no query: no gradient reaches k and v
         return dq, dk.zero_(), dv.zero_()
-    qk_scale, softcap_log2, wl, wr = _scalars(scale, softcap, has_left, left, has_right, right)
-    group = n_heads // n_kv_heads
-    delta = torch.empty_like(lse)
-    cu_q_arg = cu_q if varlen else lse
-    cu_k_arg = cu_k if varlen else lse
-    lse_strides = _lse_strides(lse, varlen)
-    flags = dict(varlen=varlen, has_left=has_left, has_right=has_right, softcap=softcap > 0,
-                 bias=bias is not None, precision=_precision(precision),
-                 row64=_row64(seqlen_q, q, out, dout, dq) or _row64(seqlen_k, k, v, dk, dv))
-    _launch(_bwd_preprocess_kernel, "pre", head_dim, q.dtype, (batch, n_heads, seqlen_q, seqlen_k),
-            (out, dout, delta, cu_q_arg, *_bsh(out, varlen), *_bsh(dout, varlen), *lse_strides,
-             seqlen_q, n_heads),
-            kernel_meta("pre", head_dim, q.dtype, **flags))
-    bias_arg = bias if bias is not None else lse
-    bias_stride = bias.stride(0) if bias is not None else 0
-    if seqlen_k > 0 and dk.numel() > 0:
-        _launch(_bwd_dkdv_kernel, "dkdv", head_dim, q.dtype,
-                (batch, n_kv_heads, seqlen_q, seqlen_k),
-                (q, k, v, dout, lse, delta, bias_arg, dk, dv, cu_q_arg, cu_k_arg,
-                 qk_scale, softcap_log2, scale, wl, wr,
-                 *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
-                 *_bsh(dk, varlen), *_bsh(dv, varlen), *lse_strides, bias_stride,
-                 seqlen_q, seqlen_k, n_kv_heads, group),
-                kernel_meta("dkdv", head_dim, q.dtype, **flags))
-    _launch(_bwd_dq_kernel, "dq", head_dim, q.dtype, (batch, n_heads, seqlen_q, seqlen_k),
-            (q, k, v, dout, lse, delta, bias_arg, dq, cu_q_arg, cu_k_arg,
-             qk_scale, softcap_log2, scale, wl, wr,
-             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
-             *_bsh(dq, varlen), *lse_strides, bias_stride,
-             seqlen_q, seqlen_k, n_heads, group),
-            kernel_meta("dq", head_dim, q.dtype, **flags))
+    t = dict(q=q, k=k, v=v, out=out, lse=lse, bias=bias, cu_q=cu_q, cu_k=cu_k, dout=dout,
+             delta=torch.empty_like(lse), dq=dq, dk=dk, dv=dv)
+    p.launch("pre", t)
+    if p.seqlen_k > 0 and dk.numel() > 0:
+        p.launch("dkdv", t)
+    p.launch("dq", t)
     return dq, dk, dv

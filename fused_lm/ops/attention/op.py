@@ -1,24 +1,25 @@
-"""The entry point: validation, and the torch.library custom ops with autograd
+"""The entry point: validation (-> a Problem), and the torch.library custom ops with autograd
 (torch.compile(fullgraph=True) traces through them)."""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from fused_lm.ops.attention.launch import (_INT32_MAX, _MAX_BLOCK_ROWS, MAX_HEAD_DIM,
-                                           MIN_HEAD_DIM, PRECISIONS, _backward_impl,
-                                           _forward_impl)
+from fused_lm.ops.attention import launch as _launch
+from fused_lm.ops.attention.launch import (MAX_HEAD_DIM, MIN_HEAD_DIM, OP_PARAMS, PRECISIONS,
+                                           Problem)
 
 try:
     import triton
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def checked_mode() -> bool:
@@ -27,52 +28,49 @@ def checked_mode() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration (torch.compile(fullgraph=True) traces through these)
+# torch.library registration
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fused_lm::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                    max_seqlen_q: int, max_seqlen_k: int, scale: float, has_left: bool, left: int,
-                    has_right: bool, right: int, softcap: float, precision: str
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         scale, has_left, left, has_right, right, softcap, precision)
+# One schema for the scalars of both ops (launch.OP_PARAMS: Problem.op_params() writes them,
+# Problem.of reads them); the Python functions pass them through as *params.
+_PARAMS = ", ".join(f"{kind} {name}" for name, kind in OP_PARAMS)
+_TENSORS = "Tensor q, Tensor k, Tensor v"
+_OPTIONAL = "Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k"
+
+
+@torch.library.custom_op("fused_lm::flash_attn_fwd", mutates_args=(),
+                         schema=f"({_TENSORS}, {_OPTIONAL}, {_PARAMS}) -> (Tensor, Tensor)")
+def _flash_attn_fwd(q, k, v, bias, cu_q, cu_k, *params):
+    return _launch.forward(q, k, v, bias, cu_q, cu_k, *params)
 
 
 @_flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         scale, has_left, left, has_right, right, softcap, precision):
-    if cu_seqlens_q is not None:
+def _flash_attn_fwd_fake(q, k, v, bias, cu_q, cu_k, *params):
+    if cu_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
-@torch.library.custom_op("fused_lm::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
-                    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                    max_seqlen_q: int, max_seqlen_k: int, scale: float, has_left: bool, left: int,
-                    has_right: bool, right: int, softcap: float, precision: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, scale, has_left, left, has_right, right, softcap, precision)
+@torch.library.custom_op(
+    "fused_lm::flash_attn_bwd", mutates_args=(),
+    schema=f"(Tensor dout, {_TENSORS}, Tensor out, Tensor lse, {_OPTIONAL}, {_PARAMS}) "
+           "-> (Tensor, Tensor, Tensor)")
+def _flash_attn_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, *params):
+    return _launch.backward(dout, q, k, v, out, lse, bias, cu_q, cu_k, *params)
 
 
 @_flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(dout, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, scale, has_left, left, has_right, right, softcap, precision):
+def _flash_attn_bwd_fake(dout, q, k, v, *_):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, has_left, left, has_right, right,
-     softcap, precision) = inputs
+    q, k, v, bias, cu_q, cu_k, *params = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k)
-    ctx.params = (max_q, max_k, scale, has_left, left, has_right, right, softcap, precision)
+    ctx.params = params
     ctx.mark_non_differentiable(lse)
 
 
@@ -80,14 +78,14 @@ def _backward(ctx, dout, dlse):
     # The lse output is not differentiable (as in flash-attn): its gradient is ignored.
     q, k, v, out, lse, bias, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, *ctx.params)
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * (3 + len(OP_PARAMS))
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks and the entry point
+# Validation and the entry point
 # ----------------------------------------------------------------------------------------------
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: Optional[int],
@@ -125,26 +123,31 @@ def _max_seqlen(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max().item())
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-              causal: bool = False, window: Optional[tuple[int, int]] = None,
-              softcap: Optional[float] = None, key_bias: Optional[torch.Tensor] = None,
-              cu_seqlens_q: Optional[torch.Tensor] = None,
-              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
-              max_seqlen_k: Optional[int] = None, causal_top_left: bool = False,
-              input_precision: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton flash attention; returns ``(out, lse)``. Layout (B, N, H, D) or varlen (T, H, D)
-    with ``cu_seqlens_*`` (see the module docstring). ``key_bias`` (B, Nk) float32 is added to
-    the scores of every query (key-padding masks: 0 or -inf); it gets no gradient.
-    ``causal_top_left`` aligns the causal mask top-left (torch SDPA's ``is_causal``) instead of
-    bottom-right; it needs no window. ``input_precision`` (fp32 inputs only): "ieee", "tf32" or
-    "tf32x3" for the products; None follows torch's CUDA matmul setting (default_precision(),
-    read when the kernels run)."""
-    if triton is None:
-        raise RuntimeError("flash attention needs triton (pip install triton)")
+@dataclass
+class Call:
+    """A validated call: the tensors as the kernels take them and the Problem."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_bias: Optional[torch.Tensor]
+    cu_seqlens_q: Optional[torch.Tensor]
+    cu_seqlens_k: Optional[torch.Tensor]
+    problem: Problem
+
+
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+             causal: bool = False, window: Optional[tuple[int, int]] = None,
+             softcap: Optional[float] = None, key_bias: Optional[torch.Tensor] = None,
+             cu_seqlens_q: Optional[torch.Tensor] = None,
+             cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+             max_seqlen_k: Optional[int] = None, causal_top_left: bool = False,
+             input_precision: Optional[str] = None) -> Call:
+    """Checks a call (clear errors naming what was wrong and what was expected) and builds its
+    Problem."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _KERNEL_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernel takes float16, bfloat16 "
                             "or float32 (other dtypes use the torch backend)")
     if not (q.dtype == k.dtype == v.dtype):
@@ -199,9 +202,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     for name, t in (("q", q), ("k", k), ("v", v)):
         # Tile offsets (rows within one block x the token stride) are int32 in the kernels;
         # batch, head and block starts are int64.
-        if abs(t.stride(-3)) * _MAX_BLOCK_ROWS > _INT32_MAX:
+        if abs(t.stride(-3)) * _launch.MAX_BLOCK_ROWS > _launch._INT32_MAX:
             raise ValueError(f"{name}: token stride {t.stride(-3)} is too large (at most "
-                             f"{_INT32_MAX // _MAX_BLOCK_ROWS} elements between tokens)")
+                             f"{_launch._INT32_MAX // _launch.MAX_BLOCK_ROWS} elements between "
+                             "tokens)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -220,6 +224,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
             has_right, right = True, (max_q - max_k)
         else:
             has_right, right = True, (0 if right < 0 else min(right, 0))
-    return _flash_attn_fwd(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
-                           has_left, max(left, 0), has_right, right, softcap,
-                           input_precision or "")
+    problem = Problem.of(q, k, key_bias, cu_seqlens_q, max_q, max_k, scale, has_left,
+                         max(left, 0), has_right, right, softcap, input_precision or "", v)
+    return Call(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, problem)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+              causal: bool = False, window: Optional[tuple[int, int]] = None,
+              softcap: Optional[float] = None, key_bias: Optional[torch.Tensor] = None,
+              cu_seqlens_q: Optional[torch.Tensor] = None,
+              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+              max_seqlen_k: Optional[int] = None, causal_top_left: bool = False,
+              input_precision: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton flash attention; returns ``(out, lse)``. Layout (B, N, H, D) or varlen (T, H, D)
+    with ``cu_seqlens_*`` (see the package docstring). ``key_bias`` (B, Nk) float32 is added to
+    the scores of every query (key-padding masks: 0 or -inf); it gets no gradient.
+    ``causal_top_left`` aligns the causal mask top-left (torch SDPA's ``is_causal``) instead of
+    bottom-right; it needs no window. ``input_precision`` (fp32 inputs only): "ieee", "tf32" or
+    "tf32x3" for the products; None follows torch's CUDA matmul setting (default_precision(),
+    read when the kernels run)."""
+    if triton is None:
+        raise RuntimeError("flash attention needs triton (pip install triton)")
+    c = validate(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+                 key_bias=key_bias, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                 causal_top_left=causal_top_left, input_precision=input_precision)
+    return _flash_attn_fwd(c.q, c.k, c.v, c.key_bias, c.cu_seqlens_q, c.cu_seqlens_k,
+                           *c.problem.op_params())
