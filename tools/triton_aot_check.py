@@ -243,13 +243,14 @@ def _attention_variants(kind: str):
         out = []
         for dt, hd, fname in cases:
             a = importlib.import_module("fused_lm.ops.attention")
-            configs = a.Problem(_torch_dtype(dt), hd).configs(kind, interpreted=False)
-            if quick or _FIRST_CONFIG:
-                configs = configs[:1]
-            # fp32: both product precisions (TF32 tensor cores; IEEE, torch's default) -- not in
-            # the quick set, which keeps its time.
+            # fp32: both product precisions (TF32 tensor cores; IEEE, torch's default), each
+            # with its own configs -- not in the quick set, which keeps its time.
             precisions = ("tf32", "ieee") if dt == "fp32" and kind != "pre" and not quick else ("tf32",)
             for precision in precisions:
+                configs = a.Problem(_torch_dtype(dt), hd, precision=precision).configs(
+                    kind, interpreted=False)
+                if quick or _FIRST_CONFIG:
+                    configs = configs[:1]
                 for i, config in enumerate(configs):
                     out.append(_attention_variant(m, kind, dt, hd, fname, precision, config,
                                                   i + 1 < len(configs)))

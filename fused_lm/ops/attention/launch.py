@@ -49,7 +49,8 @@ def _c(*rows):
 
 
 # Block configurations per Triton version (major, minor), kernel, head-dim bucket (BLOCK_D <= 64,
-# 128, 256) and input width (False: fp16/bf16, True: fp32), preferred first; later entries are
+# 128, 256) and operand class (operand_class: "16" fp16/bf16, "tf32" fp32 on TF32 tensor cores,
+# "ieee" fp32 products by FMA, torch's default precision), preferred first; later entries are
 # fall-backs tried on OutOfResources (GPUs with less shared memory per block than the H200's
 # 227 KB: 163 KB on A100, 99 KB on consumer parts). NOT timed (no GPU session so far). Chosen
 # from sm_90 builds without a GPU (tools/triton_aot_check.py --attention-sweep, strides
@@ -61,11 +62,13 @@ def _c(*rows):
 #   4. fall-backs: about 160 KB, then about 100 KB, then a small mma tile.
 # Sweep numbers (3.6 | 3.9, bf16 causal): README "Attention". dK/dV holds two (BLOCK_N, D) fp32
 # accumulators, so it cannot keep a 64-row wgmma tile spill-free at d=256 (or at d=128 on 3.9:
-# 12 bytes) -- those use mma.sync tiles.
-_CONFIG_TABLES: dict[tuple[int, int], dict[tuple[str, int, bool], list[Config]]] = {}
+# 12 bytes) -- those use mma.sync tiles. IEEE fp32 products run on FMA units with the operands
+# in registers: the TF32 tiles spill there (3.6, fwd d=64 128x64: 53 KB), so they get 32x32
+# tiles (16x16 at d=256), spill-free in 3.6 builds with every feature on (README "Attention").
+_CONFIG_TABLES: dict[tuple[int, int], dict[tuple[str, int, str], list[Config]]] = {}
 
 
-def _table(version: tuple[int, int]) -> dict[tuple[str, int, bool], list[Config]]:
+def _table(version: tuple[int, int]) -> dict[tuple[str, int, str], list[Config]]:
     t = {
         ("fwd", 64, False): _c((128, 128, 8, 3), (128, 64, 8, 3), (32, 16, 4, 1)),
         ("fwd", 128, False): _c((128, 128, 8, 2), (128, 64, 8, 2), (32, 16, 4, 1)),
@@ -86,11 +89,17 @@ def _table(version: tuple[int, int]) -> dict[tuple[str, int, bool], list[Config]
         ("dq", 128, True): _c((128, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)),
         ("dq", 256, True): _c((32, 32, 4, 1), (32, 16, 4, 1)),
     }
+    t = {(kind, d, "tf32" if wide else "16"): v for (kind, d, wide), v in t.items()}
+    for kind in ("fwd", "dkdv", "dq"):
+        t[(kind, 64, "ieee")] = _c((32, 32, 4, 2), (16, 16, 4, 1))
+        t[(kind, 128, "ieee")] = _c((32, 32, 4, 2), (16, 16, 4, 1))
+        t[(kind, 256, "ieee")] = _c((16, 16, 4, 1),)
     if version >= (3, 9):
         # 3.9 spills 12 bytes with the 3.6 wgmma tile here.
-        t[("dkdv", 128, False)] = _c((16, 32, 4, 2), (16, 16, 4, 2))
+        t[("dkdv", 128, "16")] = _c((16, 32, 4, 2), (16, 16, 4, 2))
     for d in (64, 128, 256):
-        t[("pre", d, False)] = t[("pre", d, True)] = _c((64, 0, 4, 1))
+        for cls in ("16", "tf32", "ieee"):
+            t[("pre", d, cls)] = _c((64, 0, 4, 1))
     return t
 
 
@@ -124,17 +133,26 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def launch_configs(kind: str, head_dim: int, dtype: torch.dtype,
+def operand_class(dtype: torch.dtype, precision: str) -> str:
+    """The config tables' operand class: "16" (fp16/bf16), "tf32" (fp32 at tf32 or tf32x3: TF32
+    tensor cores) or "ieee" (fp32 products by FMA)."""
+    if dtype != torch.float32:
+        return "16"
+    return "ieee" if precision == "ieee" else "tf32"
+
+
+def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, precision: str = "tf32",
                    version: Optional[tuple[int, int]] = None,
                    interpreted: Optional[bool] = None) -> list[Config]:
-    """Block configurations for kernel ``kind`` (fwd | pre | dkdv | dq), preferred first."""
+    """Block configurations for kernel ``kind`` (fwd | pre | dkdv | dq), preferred first, for
+    fp32 products at ``precision`` (ignored for fp16/bf16)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if _backend.interpreter_on() if interpreted is None else interpreted:
         return _INTERPRETER_CONFIGS[kind]
     bd = block_d(head_dim)
     bucket = 64 if bd <= 64 else 128 if bd <= 128 else 256
-    return _table_for(version)[(kind, bucket, dtype == torch.float32)]
+    return _table_for(version)[(kind, bucket, operand_class(dtype, precision))]
 
 
 def config_meta(kind: str, config: Config) -> dict:
@@ -271,7 +289,8 @@ class Problem:
                     ROW64=self.row64)
 
     def configs(self, kind: str, interpreted: Optional[bool] = None) -> list[Config]:
-        return launch_configs(kind, self.head_dim, self.dtype, interpreted=interpreted)
+        return launch_configs(kind, self.head_dim, self.dtype,
+                              self.precision or default_precision(), interpreted=interpreted)
 
     def grid(self, kind: str, config: Config) -> tuple[int]:
         """The 1-D grid (see kernels._locate): blocks x batch x heads (kv heads for dkdv)."""
