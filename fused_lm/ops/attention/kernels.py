@@ -7,8 +7,6 @@ take small tuples instead, so each loop has one call site and a short signature:
 
     seq   = (q_len, k_len, off, win_left, win_right)   the sequence and its visibility bounds
     sc    = (qk_scale, softcap_log2)                    score scaling (see _scores)
-    kv / qdo = (a_base, b_base, stride_a, stride_b)     two row-major tiles read together
-    FEAT  = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)  constexprs
 
 The loops visit three spans of blocks -- masked, fully visible, masked: spans = (lo, u_lo, u_hi,
 hi) -- as the three unrolled iterations of a static_range (phase 1 runs without masks).
@@ -205,9 +203,10 @@ if triton is not None:
 
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, kv, bias_base, offs_m, offs_d, mask_d, start, end, seq, sc,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEAT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
         # Online softmax over key blocks [start, end): acc (BM, D), l_i and m_i (BM,) in base 2.
-        EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64 = FEAT
         k_len = seq[1]
         offs_n0 = tl.arange(0, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
@@ -267,12 +266,12 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        FEAT = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         for phase in tl.static_range(3):
             start, end = spans[phase], spans[phase + 1]
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kv, BIAS + b64 * stride_bb, offs_m,
                                        offs_d, mask_d, start, end, seq, sc, BLOCK_N, phase != 1,
-                                       FEAT)
+                                       EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS,
+                                       PRECISION, ROW64)
         empty = l_i == 0.0                                # rows that see no key: O = 0, lse = -inf
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -311,12 +310,13 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, bias_log2, qdo, lse_base, delta_base, offs_n, offs_d, mask_d,
-                    start, end, seq, sc, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                    FEAT: tl.constexpr):
+                    start, end, seq, sc,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
         # dK, dV of one key block over query blocks [start, end). Scores are computed
         # transposed, (BN, BM), so that dV += P^T dO and dK += dX^T Q are plain dots with no
         # transposed operand to materialise.
-        EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64 = FEAT
         q_len = seq[0]
         offs_m0 = tl.arange(0, BLOCK_M)
         for m0 in range(start, end, BLOCK_M):
@@ -385,7 +385,6 @@ if triton is not None:
         spans = _query_blocks(n0, seq, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        FEAT = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         for g in range(0, group):
             h64 = hkv64 * group + g
             qdo = (Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qn,
@@ -397,7 +396,8 @@ if triton is not None:
                 start, end = spans[phase], spans[phase + 1]
                 dk, dv = _dkdv_inner(dk, dv, k, v, bias_log2, qdo, lse_base, delta_base, offs_n,
                                      offs_d, mask_d, start, end, seq, sc, BLOCK_M, phase != 1,
-                                     FEAT)
+                                     EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS,
+                                     PRECISION, ROW64)
         dk = dk * sm_scale
         _store_rows(DK + b64 * stride_dkb + hkv64 * stride_dkh + k_start * stride_dkn, n0,
                     stride_dkn, offs_r, offs_d, k_len, mask_d, dk.to(DK.dtype.element_ty))
@@ -406,9 +406,10 @@ if triton is not None:
 
     @triton.jit
     def _dq_inner(dq, q, do, lse2, delta, kv, bias_base, offs_m, offs_d, mask_d, start, end, seq,
-                  sc, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEAT: tl.constexpr):
+                  sc, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
         # dQ of one query block over key blocks [start, end).
-        EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64 = FEAT
         k_len = seq[1]
         offs_n0 = tl.arange(0, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
@@ -470,11 +471,11 @@ if triton is not None:
         sc = (qk_scale, softcap_log2)
         spans = _key_blocks(m0, seq, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        FEAT = (EVEN_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         for phase in tl.static_range(3):
             start, end = spans[phase], spans[phase + 1]
             dq = _dq_inner(dq, q, do, lse2, delta, kv, BIAS + b64 * stride_bb, offs_m, offs_d,
-                           mask_d, start, end, seq, sc, BLOCK_N, phase != 1, FEAT)
+                           mask_d, start, end, seq, sc, BLOCK_N, phase != 1, EVEN_D, HAS_LEFT,
+                           HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, PRECISION, ROW64)
         dq = dq * sm_scale
         _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqn, m0,
                     stride_dqn, offs_r, offs_d, q_len, mask_d, dq.to(DQ.dtype.element_ty))
