@@ -18,8 +18,13 @@ Sizes (GPU): bf16, B * N = 16k tokens, H * D = 2048 (hd64: 32 heads, hd128: 16 h
 packed into 16k). Issue 7's target (H100, bf16, hd128, causal, 4k-16k): forward >= 1.3x SDPA's
 flash backend, backward >= 1.1x; "torch-sdpa-flash" is the reference provider for the speed-ups.
 
-quick=True (the CPU default): tiny sizes, torch SDPA's math backend and fused_lm's torch path
-only (the Triton interpreter is a correctness tool, not a CPU backend); seconds in all.
+CPU (issue 12; quick=True, the CPU default): what a laptop or CPU-CI user gets without the
+interpreter -- fused_lm's default CPU path (flash_attention, and the SDPA drop-in) side by side
+with torch's own SDPA computing the same thing (is_causal, enable_gqa, causal_lower_right for
+bottom-right causal with Nq != Nk, a boolean mask for windows, padding + mask for packed
+sequences), fp32 and bf16, B=2 N=512 H=8 D=64. Target: >= 0.95x torch on each row. The Triton
+interpreter is a correctness tool, not a CPU backend: the fused rows are skipped under it.
+quick=True on a GPU: tiny sizes, a smoke run.
 """
 
 from __future__ import annotations
@@ -274,8 +279,87 @@ def _varlen_case(device, dtype, lengths, heads, kv_heads, head_dim, causal, op):
                 f"D={head_dim}", dname, providers, flops=flops, ceiling="matmul")
 
 
+# ------------------------------------------------------------------------------------------------
+# CPU rows: the default CPU path against torch's SDPA doing the same math
+# ------------------------------------------------------------------------------------------------
+
+def _plain(op, forward, make, footprint, device, skip_interpreted=False):
+    def setup():
+        if skip_interpreted and device.type == "cpu" and _backend.interpreter_on():
+            raise Skip("the Triton interpreter is a correctness tool, not a CPU backend")
+        return _timed(op, forward, make, footprint, device)
+    return setup
+
+
+def _bhnd(fn):
+    """Calls an SDPA-layout function on (B, N, H, D) tensors."""
+    return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _cpu_case(device, dtype, name, n_q, n_k, heads, kv_heads, op, *, causal=False, window=None,
+              batch=2, head_dim=64):
+    """flash_attention (and, where the semantics are SDPA's, the SDPA drop-in) against torch
+    SDPA expressing the same visibility."""
+    from fused_lm.nn import functional as fnn
+    from fused_lm.reference.attention import visibility
+
+    F = torch.nn.functional
+    make = _maker((batch, n_q, heads, head_dim), (batch, n_k, kv_heads, head_dim), dtype, device)
+    footprint = 2 * batch * (n_q * heads + 2 * n_k * kv_heads) * head_dim * dtype.itemsize
+    gqa = {"enable_gqa": True} if heads != kv_heads else {}
+    args = (op, make, footprint, device)
+    fused = lambda q, k, v: fnn.flash_attention(q, k, v, causal=causal, window=window)  # noqa: E731
+    providers = [Provider("fused_lm", _plain(op, fused, *args[1:], skip_interpreted=True))]
+    square_causal = causal and window is None and n_q == n_k
+    if window is None and (not causal or square_causal):
+        sdpa = _bhnd(lambda q, k, v: fnn.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                       **gqa))
+        providers.append(Provider("fused_lm-sdpa", _plain(op, sdpa, *args[1:],
+                                                          skip_interpreted=True)))
+    if window is not None:
+        mask = visibility(n_q, n_k, causal=causal, window=window, device=device)
+        torch_fn = _bhnd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                         **gqa))
+        ref_name = "torch-sdpa-mask"
+    elif causal and n_q != n_k:
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(n_q, n_k)
+        torch_fn = _bhnd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                                         **gqa))
+        ref_name = "torch-sdpa-lower-right"
+    else:
+        torch_fn = _bhnd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                         **gqa))
+        ref_name = "torch-sdpa"
+    providers.append(Provider(ref_name, _plain(op, torch_fn, *args[1:]), reference=True))
+    flops = 4.0 * batch * heads * n_q * n_k * head_dim * (0.5 if causal else 1.0) * _MULT[op]
+    label = f"B={batch} N={n_q}" + (f"/{n_k}" if n_k != n_q else "") + f" H={heads}" + \
+        (f"/{kv_heads}" if kv_heads != heads else "") + f" D={head_dim}"
+    dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return Case("attention", f"cpu-{name}-{op}", label, dname, providers, flops=flops,
+                ceiling="matmul")
+
+
+def _cpu_cases(device) -> list[Case]:
+    f32, bf16 = torch.float32, torch.bfloat16
+    out = []
+    for op in ("fwd", "fwd+bwd"):
+        out.append(_cpu_case(device, f32, "causal", 512, 512, 8, 8, op, causal=True))
+    out.append(_cpu_case(device, f32, "full", 512, 512, 8, 8, "fwd+bwd"))
+    out.append(_cpu_case(device, f32, "gqa-causal", 512, 512, 8, 2, "fwd+bwd", causal=True))
+    out.append(_cpu_case(device, f32, "causal-br", 256, 512, 8, 8, "fwd+bwd", causal=True))
+    out.append(_cpu_case(device, f32, "window", 512, 512, 8, 8, "fwd+bwd", causal=True,
+                         window=(128, 0)))
+    out.append(_cpu_case(device, bf16, "causal", 512, 512, 8, 8, "fwd+bwd", causal=True))
+    out.append(_varlen_case(device, f32, [100, 300, 512, 60], 8, 8, 64, True, "fwd+bwd"))
+    return out
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     out: list[Case] = []
+    if quick and device.type == "cpu":
+        return _cpu_cases(device)
     if quick:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         for n in (64, 128):

@@ -39,7 +39,7 @@ _FAMILY_MODULES = {
     "lion": "fused_lm.ops.lion",
     "cross_entropy": "fused_lm.ops.cross_entropy",
     "linear_cross_entropy": "fused_lm.ops.linear_cross_entropy",
-    "attention": "fused_lm.ops.flash_attention",
+    "attention": "fused_lm.ops.attention",
 }
 
 

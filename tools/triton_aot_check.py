@@ -65,6 +65,7 @@ class Variant:
     num_stages: int = 3
     fallback_ok: bool = False                # a launcher falls back to another config if it is too big
     options: dict = field(default_factory=dict)  # further compile options the launcher passes
+    divisible: tuple = ()                    # int arguments the JIT sees as multiples of 16
 
 
 @dataclass
@@ -223,43 +224,102 @@ def _v_ce_scale(m, quick):
             for dt in DT for pr in (False, True)]
 
 
+_ATTN_FLAGS = {
+    "causal": dict(varlen=False, has_left=False, has_right=True, softcap=False, bias=False),
+    "all": dict(varlen=True, has_left=True, has_right=True, softcap=True, bias=True),
+    "plain": dict(varlen=False, has_left=False, has_right=False, softcap=False, bias=False),
+}
+
+
+def _attention_variant(m, kind, dt, hd, fname, precision, config, fallback_ok):
+    """One attention build (``m``: the kernels module) with the launcher's own constexprs: those
+    of the Problem the launcher would build for these features (fused_lm.ops.attention)."""
+    a = importlib.import_module("fused_lm.ops.attention")
+    dtype = _torch_dtype(dt)
+    if kind == "pre":
+        flags = dict(_ATTN_FLAGS["all" if fname == "varlen" else "plain"])
+    else:
+        flags = dict(_ATTN_FLAGS[fname])
+    problem = a.Problem(dtype, hd, varlen=flags["varlen"], has_left=flags["has_left"],
+                        has_right=flags["has_right"], softcap=1.0 if flags["softcap"] else 0.0,
+                        bias=flags["bias"], precision=precision)
+    ce = {**problem.meta(kind), **a.config_meta(kind, config)}
+    label = (f"{dt}{'/' + precision if dt == 'fp32' else ''} d={hd} {fname} BM={config.block_m}"
+             + (f" BN={config.block_n}" if kind != "pre" else "")
+             + f" w{config.num_warps} s{config.num_stages}")
+    # Strides are multiples of 16 when the head dim is (the JIT specialises them so at run time).
+    strides = tuple(n for n in getattr(m, _ATTN_KERNEL[kind]).arg_names
+                    if n.startswith("stride_") and hd % 16 == 0)
+    return Variant(label, ce, {"dt": dt, "cu": "i32" if flags["varlen"] else "fp32"},
+                   num_warps=config.num_warps, num_stages=config.num_stages,
+                   fallback_ok=fallback_ok, divisible=strides)
+
+
 def _attention_variants(kind: str):
-    """Head dims 64/128/256 (and 96: the masked head-dim path), every dtype, every config of the
-    launcher's list for that head dim (later ones are fall-backs); feature flags: causal, none,
-    all on (varlen + window + softcap + bias). Quick: 4 builds per kernel, first config only."""
+    """Head dims 64/128/256 (and 96 and 59: the masked head-dim path), every dtype (fp32 at the
+    TF32 and IEEE product precisions), every config of the launcher's list for that head dim and
+    dtype in this Triton version (launch_configs; later ones are fall-backs); feature flags:
+    causal, none, all on (varlen + window + softcap + bias). Quick: the first config only."""
 
     def build(m, quick):
-        flagsets = {"causal": dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=True,
-                                   HAS_SOFTCAP=False, HAS_BIAS=False),
-                    "all": dict(IS_VARLEN=True, HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True,
-                                HAS_BIAS=True),
-                    "plain": dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=False,
-                                  HAS_SOFTCAP=False, HAS_BIAS=False)}
-        if kind == "pre":
-            flagsets = {"batched": dict(IS_VARLEN=False), "varlen": dict(IS_VARLEN=True)}
+        fnames = ("batched", "varlen") if kind == "pre" else tuple(_ATTN_FLAGS)
         if quick:     # the main config first (it also gets sm_80), then every flag, dtype, odd D
-            cases = [("bf16", 128, "causal"), ("bf16", 64, "all"), ("fp16", 96, "plain"),
+            cases = [("bf16", 128, "causal"), ("bf16", 64, "all"), ("fp16", 59, "plain"),
                      ("fp32", 64, "causal")]
             if kind == "pre":
                 cases = [("bf16", 128, "batched"), ("bf16", 64, "varlen"), ("fp32", 96, "varlen")]
         else:
-            cases = [(dt, hd, f) for dt in DT for hd in (64, 96, 128, 256) for f in flagsets]
+            cases = [(dt, hd, f) for dt in DT for hd in (59, 64, 96, 128, 256) for f in fnames]
         out = []
         for dt, hd, fname in cases:
-            block_d = m._block_d(hd)
-            configs = m._configs(kind, block_d, _torch_dtype(dt))
-            if quick:
-                configs = configs[:1]
-            for i, (bm, bn, warps, stages) in enumerate(configs):
-                ce = dict(HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=bm, **flagsets[fname])
-                if kind != "pre":
-                    ce.update(EVEN_D=hd == block_d, BLOCK_N=bn)
-                varlen = ce["IS_VARLEN"]
-                out.append(Variant(
-                    f"{dt} d={hd} {fname} BM={bm}" + (f" BN={bn}" if kind != "pre" else "")
-                    + f" w{warps} s{stages}", ce,
-                    {"dt": dt, "cu": "i32" if varlen else "fp32"},
-                    num_warps=warps, num_stages=stages, fallback_ok=i + 1 < len(configs)))
+            a = importlib.import_module("fused_lm.ops.attention")
+            # fp32: both product precisions (TF32 tensor cores; IEEE, torch's default), each
+            # with its own configs -- not in the quick set, which keeps its time.
+            precisions = ("tf32", "ieee") if dt == "fp32" and kind != "pre" and not quick else ("tf32",)
+            for precision in precisions:
+                configs = a.Problem(_torch_dtype(dt), hd, precision=precision).configs(
+                    kind, interpreted=False)
+                if quick or _FIRST_CONFIG:
+                    configs = configs[:1]
+                for i, config in enumerate(configs):
+                    out.append(_attention_variant(m, kind, dt, hd, fname, precision, config,
+                                                  i + 1 < len(configs)))
+        return out
+
+    return build
+
+
+# Candidate block configurations for choosing the launcher's tables (--attention-sweep): tiles
+# of 16..128 rows; for the wgmma instructions of sm_90 the M side of every product (BLOCK_M in
+# fwd/dq, BLOCK_N in dkdv) needs 64 rows per warpgroup of 4 warps.
+_SWEEP = {
+    "fwd": [(128, 128, 8), (128, 64, 8), (128, 32, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4),
+            (64, 32, 4), (32, 32, 4), (32, 16, 4), (16, 16, 4)],
+    "dkdv": [(32, 128, 8), (64, 128, 8), (16, 128, 8), (32, 128, 4), (64, 64, 4), (32, 64, 4),
+             (16, 64, 4), (16, 32, 4), (16, 16, 4)],
+    "dq": [(128, 64, 8), (128, 32, 8), (128, 16, 8), (64, 64, 4), (64, 32, 4), (64, 16, 4),
+           (32, 32, 4), (32, 16, 4), (16, 16, 4)],
+}
+
+
+def _attention_sweep(kind: str):
+    """--attention-sweep: every candidate tile for bf16 (stages 2 and 3; 1 and 2 at d=256) and
+    fp32 (TF32; stages 2, or 1 at d=256) at d = 64, 128, 256, causal: the rows to choose
+    launch_configs' tables from."""
+
+    def build(m, quick):
+        from fused_lm.ops.attention import Config
+
+        if kind == "pre":
+            return []
+        out = []
+        for dt in ("bf16", "fp32"):
+            for hd in (64, 128, 256):
+                for bm, bn, warps in _SWEEP[kind]:
+                    stages_list = (1, 2) if hd == 256 else (2, 3)
+                    for stages in (stages_list if dt == "bf16" else stages_list[:1]):
+                        out.append(_attention_variant(m, kind, dt, hd, "causal", "tf32",
+                                                      Config(bm, bn, warps, stages), True))
         return out
 
     return build
@@ -272,6 +332,10 @@ _FA = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "O": "*{dt}", "DO": "*{dt}", "D
        "DK": "*{dt}", "DV": "*{dt}", "LSE": "*fp32", "DELTA": "*fp32", "BIAS": "*fp32",
        "CU_Q": "*{cu}", "CU_K": "*{cu}", "qk_scale": "fp32", "softcap_log2": "fp32",
        "sm_scale": "fp32"}
+
+_ATTN_KIND = {"_fwd_kernel": "fwd", "_bwd_preprocess_kernel": "pre", "_bwd_dkdv_kernel": "dkdv",
+              "_bwd_dq_kernel": "dq"}
+_ATTN_KERNEL = {kind: kernel for kernel, kind in _ATTN_KIND.items()}
 
 SPECS = [
     Spec("multi_tensor", "fused_lm.ops.multi_tensor_scale", "_scale_kernel",
@@ -293,12 +357,12 @@ SPECS = [
           "eps": "fp32", "z_loss": "fp32", "softcap": "fp32"}, _v_ce),
     Spec("cross_entropy", "fused_lm.ops.cross_entropy", "_scale_kernel",
          {"g_ptr": "*{dt}", "s_ptr": "*fp32"}, _v_ce_scale),
-    Spec("attention", "fused_lm.ops.flash_attention", "_fwd_kernel", _FA, _attention_variants("fwd")),
-    Spec("attention", "fused_lm.ops.flash_attention", "_bwd_preprocess_kernel", _FA,
+    Spec("attention", "fused_lm.ops.attention.kernels", "_fwd_kernel", _FA, _attention_variants("fwd")),
+    Spec("attention", "fused_lm.ops.attention.kernels", "_bwd_preprocess_kernel", _FA,
          _attention_variants("pre")),
-    Spec("attention", "fused_lm.ops.flash_attention", "_bwd_dkdv_kernel", _FA,
+    Spec("attention", "fused_lm.ops.attention.kernels", "_bwd_dkdv_kernel", _FA,
          _attention_variants("dkdv")),
-    Spec("attention", "fused_lm.ops.flash_attention", "_bwd_dq_kernel", _FA,
+    Spec("attention", "fused_lm.ops.attention.kernels", "_bwd_dq_kernel", _FA,
          _attention_variants("dq")),
 ]
 # fused_lm.ops.linear_cross_entropy has no kernel of its own: it runs _ce_kernel on vocabulary
@@ -388,6 +452,7 @@ class Task:
 
 _PTX_ONLY = False
 _PTX_DIR = None                              # --ptx-dir: where each variant's PTX is written
+_FIRST_CONFIG = False         # attention: only the configuration each launch tries first
 
 
 def _ast_source(fn, spec: Spec, variant: Variant, backend):
@@ -410,6 +475,9 @@ def _ast_source(fn, spec: Spec, variant: Variant, backend):
             raise ValueError(f"{fn.__name__}: pointer {name} has no pointer type in the table")
         types[name] = t
     pointers = [i for i, n in enumerate(names) if n in types and types[n].startswith("*")]
+    # Integer arguments that are multiples of 16 at run time get the same "divisible by 16"
+    # specialisation from the JIT (it decides the vector width of loads, and so pipelining).
+    pointers += [names.index(n) for n in variant.divisible]
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:
         sig = {n: types.get(n, "constexpr") for n in names}
@@ -446,6 +514,17 @@ def _ptxas_info(log: str) -> dict:
     return info
 
 
+def _mma_kind(ptx) -> str | None:
+    """Which matrix instructions the PTX uses: wgmma (sm_90 warpgroup MMA), mma (mma.sync), or
+    None (no tensor-core product: FMA loops, or a kernel without dots)."""
+    ptx = ptx.decode() if isinstance(ptx, bytes) else (ptx or "")
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return None
+
+
 def compile_task(task: Task) -> dict:
     """Compiles one variant; returns {ok, error, regs, spill, smem, seconds}."""
     import triton
@@ -476,8 +555,8 @@ def compile_task(task: Task) -> dict:
             kernel = triton.compile(src, target=target, options=options)
         md = kernel.metadata
         shared = md.get("shared") if isinstance(md, dict) else getattr(md, "shared", None)
-        out.update(_ptxas_info(log.getvalue()), ok=True, smem=shared)
         ptx = kernel.asm.get("ptx", "") if hasattr(kernel.asm, "get") else ""
+        out.update(_ptxas_info(log.getvalue()), ok=True, smem=shared, mma=_mma_kind(ptx))
         if _PTX_DIR:
             Path(_PTX_DIR, _ptx_file_name(task)).write_text(ptx)
         problems = ptx_problems(task, ptx)
@@ -533,7 +612,7 @@ def _fmt(task: Task, r: dict, verbose: bool) -> str:
                                    (r["trace"] if verbose else r["error"]).splitlines()[-40:]))
         return f"FAIL  {head}\n      error: {msg[:400]}{detail}"
     bits = []
-    for key, unit in (("regs", ""), ("spill", " B"), ("smem", " B")):
+    for key, unit in (("regs", ""), ("spill", " B"), ("smem", " B"), ("mma", "")):
         if r.get(key) is not None:
             bits.append(f"{key}={r[key]}{unit}")
     status = "ok  " if r["ok"] and not r.get("oor") else ("oor " if r["ok"] else "FAIL")
@@ -554,6 +633,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas)")
     ap.add_argument("--ptx-dir", help="write each variant's PTX into this directory")
     ap.add_argument("--list", action="store_true", help="list the variants, compile nothing")
+    ap.add_argument("--first-config", action="store_true", help="attention: compile only the "
+                    "configuration the launcher tries first (not its fall-backs)")
+    ap.add_argument("--attention-sweep", action="store_true", help="attention: compile the "
+                    "candidate block configurations (to choose the launcher's tables) instead "
+                    "of the launcher's own")
     ap.add_argument("-v", "--verbose", action="store_true", help="full tracebacks of failures")
     args = ap.parse_args(argv)
 
@@ -573,7 +657,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    global _PTX_ONLY, _PTX_DIR
+    global _PTX_ONLY, _PTX_DIR, _FIRST_CONFIG
     t_start = time.perf_counter()
     try:
         import triton
@@ -588,13 +672,19 @@ def _main(args) -> int:
     if args.ptx_dir:
         _PTX_DIR = os.path.abspath(args.ptx_dir)
         os.makedirs(_PTX_DIR, exist_ok=True)
+    _FIRST_CONFIG = args.first_config
 
     for spec in SPECS:
         if args.only and not any(o in (spec.family, spec.kernel) or o in spec.module for o in args.only):
             continue
         mod = importlib.import_module(spec.module)
-        short = spec.module.rsplit(".", 1)[1]
-        for i, variant in enumerate(spec.variants(mod, args.quick)):
+        short = spec.module.removeprefix("fused_lm.ops.")
+        variants = spec.variants
+        if args.attention_sweep:
+            if spec.family != "attention":
+                continue
+            variants = _attention_sweep(_ATTN_KIND[spec.kernel])
+        for i, variant in enumerate(variants(mod, args.quick)):
             for arch in archs:
                 if args.quick and not args.arch and arch != 90 and i > 0:
                     continue

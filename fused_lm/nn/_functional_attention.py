@@ -1,15 +1,20 @@
 """Functional attention: ``scaled_dot_product_attention`` (torch's signature) and
-``flash_attention`` (flash-attn's feature set), over fused_lm/ops/flash_attention.py (issue 7).
+``flash_attention`` (flash-attn's feature set), over fused_lm/ops/attention/ (issues 7,
+11, 12).
 
 Backends (fused_lm/_backend.py, op "attention"): "triton" (CUDA tensors, or CPU tensors under
 the Triton interpreter) runs the fused kernels; "torch" (CPU tensors otherwise, float64, or
-FUSED_LM_BACKEND=torch) runs torch's SDPA for the SDPA form and the float32 reference
-(fused_lm/reference/attention.py, which materialises the score matrix) for ``flash_attention``.
+FUSED_LM_BACKEND=torch) runs torch's own SDPA wherever its semantics reach, so a CPU user pays
+nothing for the drop-in: the SDPA form always; ``flash_attention`` for causal (bottom-right
+alignment through torch's top-left ``is_causal`` on the rows that see keys, or a boolean mask),
+windows (a boolean mask), GQA (``enable_gqa``) and packed sequences (one SDPA call per
+sequence), with the LSE from torch's CPU flash kernel when ``return_lse``. Only softcap (which
+torch cannot express) runs the materialising float32 reference (fused_lm/reference/attention.py).
 
 Numerics: fp16/bf16 inputs accumulate in fp32 and store P and dS in the input dtype before the
-P V, dS K and dS^T Q products (as flash-attn). fp32 inputs are accepted; on a GPU Triton feeds
-fp32 operands to TF32 tensor cores (10-bit mantissa), so expect fp16-like relative errors
-(~1e-3), not fp32 ones; under the interpreter fp32 is exact fp32 (~1e-6).
+P V, dS K and dS^T Q products (as flash-attn). fp32 inputs multiply at ``input_precision``
+("ieee" unless torch allows TF32 for CUDA matmuls; "tf32" is ~1e-3 relative, and the
+interpreter rounds the operands to TF32 like the GPU so CI sees that error).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_lm import _backend
-from fused_lm.ops import flash_attention as _fa
+from fused_lm.ops import attention as _fa
 
 _warned: set[str] = set()
 
@@ -70,8 +75,8 @@ def _kernel_problem(q, k, v) -> Optional[str]:
     d, dv = q.shape[-1], v.shape[-1]
     if k.shape[-1] != d or dv != d:
         return f"head dims differ (q/k {d}, v {dv})"
-    if d % 8 != 0 or not _fa.MIN_HEAD_DIM <= d <= _fa.MAX_HEAD_DIM:
-        return f"head dim {d} is not a multiple of 8 in [8, 256]"
+    if not _fa.MIN_HEAD_DIM <= d <= _fa.MAX_HEAD_DIM:
+        return f"head dim {d} is not in [{_fa.MIN_HEAD_DIM}, {_fa.MAX_HEAD_DIM}]"
     return None
 
 
@@ -167,14 +172,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     softcap: Optional[float] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                     cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
                     max_seqlen_k: Optional[int] = None, return_lse: bool = False,
-                    deterministic: bool = False, backend: Optional[str] = None):
+                    deterministic: bool = False, backend: Optional[str] = None,
+                    input_precision: Optional[str] = None):
     """Flash attention with flash-attn's layout and features.
 
     q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D); or packed q (Tq, Hq, D), k and v (Tk, Hkv, D) with
     ``cu_seqlens_q/k`` (S + 1,) int32 cumulative lengths on the device (``cu[0] = 0``,
     non-decreasing, ``cu[-1]`` = token count). Hq must be a multiple of Hkv (GQA/MQA: K and V are
-    never expanded; dK/dV are summed over the query group in the kernel). D: a multiple of 8 in
-    [8, 256]. fp16, bf16, fp32 (see the module docstring for fp32 on GPUs).
+    never expanded; dK/dV are summed over the query group in the kernel). D: any of 1 ... 256.
+    fp16, bf16, fp32 (see ``input_precision`` for fp32 on GPUs).
 
     * ``causal``: aligned bottom-right when Nq != Nk (flash-attn >= 2.1): query i sees key j iff
       j <= i + Nk - Nq. Rows that see no key output 0 (lse -inf).
@@ -190,6 +196,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     * ``deterministic``: accepted for flash-attn compatibility. The backward never uses atomics
       (dK/dV and dQ are separate kernels), so it is always bitwise reproducible run to run on
       the same GPU and configuration; the flag changes nothing.
+    * ``input_precision``: how the kernels multiply fp32 inputs: "ieee" (exact fp32 products),
+      "tf32" (TF32 tensor cores: ~1e-3 relative, fast) or "tf32x3" (three TF32 products per
+      product: ~fp32 accuracy). None follows torch's CUDA matmul setting
+      (``torch.backends.cuda.matmul.fp32_precision`` / ``allow_tf32`` /
+      ``torch.set_float32_matmul_precision``: "ieee" unless TF32 is allowed). fp16/bf16 inputs
+      ignore it; the torch path (CPU) is always full fp32.
     """
     del deterministic
     which = _backend.select("attention", q.device, q.dtype, backend)
@@ -197,18 +209,123 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out, lse = _fa.attention(q, k, v, scale=scale, causal=causal, window=window,
                                  softcap=softcap, cu_seqlens_q=cu_seqlens_q,
                                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                 max_seqlen_k=max_seqlen_k)
+                                 max_seqlen_k=max_seqlen_k, input_precision=input_precision)
         return (out, lse) if return_lse else out
+    if input_precision is not None and input_precision not in _fa.PRECISIONS:
+        raise ValueError(f"input_precision must be one of {', '.join(_fa.PRECISIONS)} or None, "
+                         f"got {input_precision!r}")
+    out, lse = _torch_flash_attention(q, k, v, causal=causal, scale=scale, window=window,
+                                      softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+                                      cu_seqlens_k=cu_seqlens_k, need_lse=return_lse)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch path of flash_attention (CPU tensors without the interpreter, float64,
+# FUSED_LM_BACKEND=torch): torch's own SDPA wherever its semantics reach, the reference elsewhere
+# ------------------------------------------------------------------------------------------------
+
+def _sdpa_mask(n_q: int, n_k: int, causal: bool, window, device):
+    """How torch SDPA expresses flash_attention's visibility (bottom-right aligned) for one
+    (n_q, n_k) problem: (is_causal, bool mask (n_q, n_k) or None, first visible row). Rows before
+    the first visible row see no key."""
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    off = n_k - n_q
+    if left < 0 and right < 0:
+        return False, None, 0
+    if left < 0 and right == 0:
+        if off == 0 or n_q <= 1 and off >= 0:
+            return off == 0, None, 0        # square: torch's is_causal; one query sees every key
+        if off < 0:
+            # Rows i < -off see nothing; row i >= -off sees keys j <= i + off: torch's top-left
+            # is_causal on the square block q[-off:] x k.
+            return True, None, -off
+    from fused_lm.reference.attention import visibility
+
+    return False, visibility(n_q, n_k, window=(left, right), device=device), 0
+
+
+def _sdpa_dense(q, k, v, *, causal, scale, window, need_lse):
+    """(B, N, H, D) attention with flash_attention's semantics through torch's SDPA. Returns
+    (out, lse or None); lse (B, Hq, Nq) float32 when ``need_lse``."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    is_causal, mask, first = _sdpa_mask(n_q, n_k, causal, window, q.device)
+    if first:
+        rest_out, rest_lse = _sdpa_dense(q[:, first:], k, v, causal=True, scale=scale,
+                                         window=None, need_lse=need_lse)
+        out = torch.cat([rest_out.new_zeros(q.shape[0], first, *q.shape[2:]), rest_out], dim=1)
+        lse = None
+        if need_lse:
+            lse = torch.cat([rest_lse.new_full((*rest_lse.shape[:2], first), float("-inf")),
+                             rest_lse], dim=2)
+        return out, lse
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, N, D) views
+    gqa = qt.shape[1] != kt.shape[1]
+    lse = None
+    if need_lse and q.device.type == "cpu":
+        # torch's CPU flash kernel (the one F.scaled_dot_product_attention runs on CPU) also
+        # returns the log-sum-exp; it takes GQA as is and an additive mask in q's dtype.
+        additive = None if mask is None else torch.zeros(
+            mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal, attn_mask=additive, scale=scale)
+        lse = lse.float()
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal,
+                                             scale=scale, **({"enable_gqa": True} if gqa else {}))
+    if mask is not None and lse is not None:
+        # torch outputs 0 for a row that sees no key (as flash_attention) but lse 0, not -inf.
+        lse = lse.masked_fill(~mask.any(dim=-1), float("-inf"))
+    return out.transpose(1, 2), lse
+
+
+def _torch_flash_attention(q, k, v, *, causal, scale, window, softcap, cu_seqlens_q,
+                           cu_seqlens_k, need_lse):
+    """flash_attention's torch path (see the routing table in README "Attention")."""
     from fused_lm.reference import attention as _ref
 
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    sdpa_ok = (not softcap and q.numel() > 0 and k.numel() > 0 and q.shape[-1] == v.shape[-1]
+               and (q.device.type == "cpu" or not need_lse))
+    if sdpa_ok and varlen and cu_seqlens_q is not None and cu_seqlens_k is not None:
+        # Packed sequences: one SDPA call per sequence (cu_seqlens are read on the host).
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs, lses = [], []
+        for s in range(len(cq) - 1):
+            qs, ks, vs = (t[None, a:b] for t, a, b in ((q, cq[s], cq[s + 1]), (k, ck[s], ck[s + 1]),
+                                                       (v, ck[s], ck[s + 1])))
+            if qs.shape[1] == 0:
+                continue
+            if ks.shape[1] == 0:
+                outs.append(qs.new_zeros(qs.shape[1:]))
+                if need_lse:
+                    lses.append(qs.new_full((qs.shape[2], qs.shape[1]), float("-inf"),
+                                            dtype=torch.float32))
+                continue
+            o, l = _sdpa_dense(qs, ks, vs, causal=causal, scale=scale, window=window,
+                               need_lse=need_lse)
+            outs.append(o[0])
+            if need_lse:
+                lses.append(l[0])
+        out = torch.cat(outs) if outs else q.new_empty(q.shape)
+        lse = None
+        if need_lse:
+            lse = torch.cat(lses, dim=-1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+        return out, lse
+    if sdpa_ok and not varlen:
+        return _sdpa_dense(q, k, v, causal=causal, scale=scale, window=window, need_lse=need_lse)
+    # softcap (and degenerate sizes): the materialising reference, in fp32 (float64 for float64).
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out, lse = _ref.attention(q.to(compute), k.to(compute), v.to(compute), causal=causal,
                               scale=scale, window=window, softcap=softcap,
                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                               return_lse=True)
-    out = out.to(q.dtype)
-    return (out, lse.float()) if return_lse else out
+    return out.to(q.dtype), lse.float()
 
 
 __all__ = ["scaled_dot_product_attention", "flash_attention"]

@@ -1,4 +1,4 @@
-"""Plain-PyTorch attention: the twin of fused_lm/ops/flash_attention.py (float64-capable).
+"""Plain-PyTorch attention: the twin of fused_lm/ops/attention/ (float64-capable).
 
 Materialises the (Nq, Nk) score matrix, so it is for tests, benchmarks' eager baseline and
 small inputs only. Semantics (identical to the kernel):
@@ -89,3 +89,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
     lse = torch.cat(lses, dim=-1) if lses else q.new_empty((q.shape[1], 0))
     return (out, lse) if return_lse else out
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to TF32 (what a GPU tensor core multiplies: 1 + 10 mantissa bits,
+    round to nearest with ties away from zero, as ``cvt.rna.tf32.f32``), returned as fp32. The
+    twin of the interpreter's operand rounding in fused_lm/ops/attention/kernels.py (``_tf32``).
+
+    A value in [2^(e-1), 2^e) keeps 11 significant bits: it is rounded to a multiple of
+    2^(e-11); subnormals (fixed exponent) to multiples of 2^-136 (the same 13 dropped bits).
+    Inf and NaN pass unchanged; rounding past the largest float gives inf."""
+    x = x.to(torch.float32)
+    x64 = x.to(torch.float64)
+    _, e = torch.frexp(x64)
+    quantum = torch.exp2(torch.clamp(e.to(torch.float64) - 11, min=-136.0))
+    r = torch.copysign(torch.floor(x64.abs() / quantum + 0.5) * quantum, x64)
+    return torch.where(torch.isfinite(x), r.to(torch.float32), x)

@@ -8,7 +8,9 @@ the `gpu` tests repeat the checks at realistic sizes on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -22,10 +24,14 @@ pytestmark = pytest.mark.skipif(not triton_devices(), reason="needs CUDA or the 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def _tol_dtype(dtype: torch.dtype, device) -> torch.dtype:
-    # On a GPU, Triton multiplies fp32 operands on TF32 tensor cores (10-bit mantissa, like
-    # fp16): fp32 inputs get fp16's tolerance there (documented in the README).
-    if dtype == torch.float32 and torch.device(device).type == "cuda":
+def _tol_dtype(dtype: torch.dtype, precision: Optional[str] = None) -> torch.dtype:
+    """The tolerance row for inputs of ``dtype`` at fp32 product ``precision`` (None: what the
+    kernel resolves, torch's matmul setting): TF32 rounds operands to 10 explicit mantissa bits,
+    fp16's, so fp32 inputs get fp16's tolerance then, on a GPU and under the interpreter alike
+    (it rounds the operands the same way)."""
+    from fused_lm.ops.attention import default_precision
+
+    if dtype == torch.float32 and (precision or default_precision()) == "tf32":
         return torch.float16
     return dtype
 
@@ -37,7 +43,7 @@ def _inputs(shape_q, shape_kv, dtype, device=DEVICE):
     return q, k, v
 
 
-def _check_against_reference(q, k, v, grad_scale=2.0, **kw):
+def _check_against_reference(q, k, v, grad_scale=2.0, out_scale=1.0, **kw):
     """Runs flash_attention and the float64 reference, compares out, lse, dq, dk, dv."""
     from fused_lm.nn.functional import flash_attention
 
@@ -45,12 +51,14 @@ def _check_against_reference(q, k, v, grad_scale=2.0, **kw):
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    kw64 = {key: val for key, val in kw.items() if not key.startswith("max_seqlen")}
+    kw64 = {key: val for key, val in kw.items()
+            if not key.startswith("max_seqlen") and key != "input_precision"}
     out64, lse64 = ref.attention(q64, k64, v64, return_lse=True, **kw64)
     dq64, dk64, dv64 = torch.autograd.grad(out64, (q64, k64, v64), dout.double())
-    td = _tol_dtype(q.dtype, q.device)
-    assert_close(out, out64, td, what="out")
-    assert_close(lse, lse64, torch.float32 if td == torch.float32 else td, what="lse")
+    td = _tol_dtype(q.dtype, kw.get("input_precision"))
+    assert_close(out, out64, td, scale=out_scale, what="out")
+    assert_close(lse, lse64, torch.float32 if td == torch.float32 else td, scale=out_scale,
+                 what="lse")
     assert_close(dq, dq64, td, scale=grad_scale, what="dq")
     assert_close(dk, dk64, td, scale=grad_scale, what="dk")
     assert_close(dv, dv64, td, scale=grad_scale, what="dv")
@@ -208,7 +216,7 @@ def _compare_sdpa(q, k, v, **kw):
         kw64["attn_mask"] = kw64["attn_mask"].double()
     theirs = _grads(lambda *t: F.scaled_dot_product_attention(*t, **kw64), q64, k64, v64)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
-        assert_close(a, b, _tol_dtype(q.dtype, q.device), scale=2.0, what=name)
+        assert_close(a, b, _tol_dtype(q.dtype), scale=2.0, what=name)
 
 
 @pytest.mark.parametrize("nq,nk,causal", [(37, 37, True), (30, 45, True), (45, 30, False)])
@@ -257,10 +265,14 @@ def test_sdpa_fallback_warns_once():
         scaled_dot_product_attention(q, k, v, attn_mask=general)      # once only
     with pytest.warns(UserWarning, match="dropout_p"):
         scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    q, k, v = _inputs((1, 2, 9, 12), (1, 2, 11, 12), torch.float32)
-    with pytest.warns(UserWarning, match="head dim 12"):
+    q, k, v = _inputs((1, 2, 9, 264), (1, 2, 11, 264), torch.float32)
+    with pytest.warns(UserWarning, match="head dim 264"):
         out = scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    q, k, v = _inputs((1, 2, 9, 12), (1, 2, 11, 12), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # head dim 12 runs in the kernel now
+        _compare_sdpa(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,10 +406,15 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         flash_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="one device"):
         flash_attention(q, k.to("meta"), v)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        flash_attention(*_inputs((1, 8, 2, 12), (1, 8, 2, 12), torch.float32))
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\], got 264"):
         flash_attention(*_inputs((1, 2, 1, 264), (1, 2, 1, 264), torch.float32))
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\], got 0"):
+        flash_attention(*_inputs((1, 2, 1, 0), (1, 2, 1, 0), torch.float32))
+    with pytest.raises(ValueError, match="input_precision must be one of ieee, tf32, tf32x3"):
+        flash_attention(q, k, v, input_precision="bf16")
+    with pytest.raises(ValueError, match="token stride"):
+        big = torch.empty(2**23 * 8 + 16, device=DEVICE).as_strided((1, 8, 1, 16), (0, 2**23, 16, 1))
+        flash_attention(big, big, big)
     with pytest.raises(ValueError, match="4-D"):
         flash_attention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="multiple of key/value heads"):
@@ -422,8 +439,210 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         flash_attention(qp, kp, vp, cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=4,
                         max_seqlen_k=5)
     with pytest.raises(TypeError, match="dtype"):
-        from fused_lm.ops.flash_attention import attention
+        from fused_lm.ops.attention import attention
         attention(q.double(), k.double(), v.double())
+
+
+# ------------------------------------------------------------------------------------------------
+# Any head dim (issue 12), softcap precision (issue 12), fp32 product precision (issue 11),
+# launch limits and 64-bit offsets (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+HEAD_DIMS = [1, 3, 59, 100, 129, 200, 255, 256]
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_any_head_dim_gqa_causal(d):
+    """Head dims padded to a power of two inside the kernel (masked loads and stores on the head
+    dim; 256 takes the unmasked EVEN_D path): forward and backward for q, k, v, with GQA and
+    bottom-right causal, Nq != Nk, every kernel dtype in turn."""
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[HEAD_DIMS.index(d) % 3]
+    q, k, v = _inputs((1, 37, 4, d), (1, 45, 2, d), dtype)
+    _check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("d", [3, 100, 255])
+def test_any_head_dim_varlen(d):
+    q, k, v, cu_q, cu_k = _packed([9, 0, 40], [12, 0, 33], 4, 2, d, torch.float16)
+    _check_against_reference(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True,
+                             max_seqlen_q=40, max_seqlen_k=33)
+
+
+def test_odd_head_dim_writes_every_element_and_nothing_else():
+    """D = 59 in an SDPA layout view ((B, H, N, D) transposed, row stride H * D): every output
+    and gradient element written (NaN-poisoned allocations), and the masked head-dim stores
+    leave the neighbouring columns of a wider buffer untouched."""
+    from fused_lm.nn.functional import flash_attention
+
+    wide = torch.full((1, 33, 2, 64), 7.0, device=DEVICE)
+    q = wide[..., :59]
+    q.copy_(randn(1, 33, 2, 59, device=DEVICE))
+    q.requires_grad_()
+    k, v = (randn(1, 21, 1, 59, device=DEVICE).requires_grad_() for _ in range(2))
+    with poison_allocations():
+        out = flash_attention(q, k, v, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert not out[:, 12:].isnan().any() and (out[:, :12] == 0).all()    # 12 rows see no key
+    for g in grads:
+        assert not g.isnan().any()
+    assert (wide[..., 59:] == 7.0).all()
+
+
+def test_softcap_fp32_matches_float64_tightly():
+    """fp32 softcap at Gemma's cap (30): the scaled scores are small (|u| = |s| / 30 ~ 0.03),
+    where 2 sigmoid(2u) - 1 loses relative accuracy (it measured out 1.0e-6, grads 1.2e-6
+    here); _tl_math.tanh keeps out/lse within 4e-7 and grads within 6e-7 of float64 (measured
+    1.4e-7 and 2.7e-7), about torch's own fp32 attention."""
+    q, k, v = _inputs((1, 50, 2, 32), (1, 50, 2, 32), torch.float32)
+    _check_against_reference(q, k, v, softcap=30.0, causal=True, input_precision="ieee",
+                             out_scale=0.04, grad_scale=0.06)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
+def test_fp32_input_precision(precision):
+    """fp32 inputs at each product precision, against float64 with that precision's tolerance
+    (TF32: fp16's). Under the interpreter the operands are rounded to TF32 as on the GPU, so
+    "tf32" must show an error above fp32's tolerance (the rounding really runs) and "tf32x3"
+    must recover fp32 accuracy."""
+    from fused_lm.nn.functional import flash_attention
+
+    q, k, v = _inputs((1, 70, 2, 32), (1, 60, 1, 32), torch.float32)
+    _check_against_reference(q, k, v, causal=True, input_precision=precision)
+    out = flash_attention(q, k, v, causal=True, input_precision=precision)
+    expected = ref.attention(q.double(), k.double(), v.double(), causal=True)
+    from tests._helpers import TOL, rel_error
+
+    err = rel_error(out, expected)
+    if precision == "tf32":
+        assert TOL[torch.float32] < err <= TOL[torch.float16], err
+    else:
+        assert err <= TOL[torch.float32], err
+
+
+def test_tf32_rounding_matches_the_reference_bitwise():
+    """The interpreter's operand rounding (_tf32: bit arithmetic) against the reference's
+    (frexp arithmetic in float64): ties away from zero, signed zeros, subnormals, overflow to
+    inf, inf and NaN, and random values over the whole exponent range."""
+    import triton
+    import triton.language as tl
+
+    from fused_lm.ops.attention.kernels import _tf32
+
+    globals().update(tl=tl, _tf32=_tf32)          # a jit function resolves names in its globals
+
+    @triton.jit
+    def probe(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(y_ptr + offs, _tf32(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+    special = torch.tensor([1.0, 1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-12,
+                            3.4028235e38, -3.4028235e38, 1e-40, 2**-149, 0.0, -0.0,
+                            float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([special, torch.randn(2000) * torch.exp2(torch.randint(-140, 120, (2000,)).float())])
+    x = x.to(DEVICE)
+    y = torch.empty_like(x)
+    probe[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(y.view(torch.int32), ref.round_to_tf32(x).view(torch.int32))
+
+
+@contextlib.contextmanager
+def _torch_fp32_precision(value: str):
+    """Sets torch's CUDA matmul fp32 precision ("ieee" | "tf32") and restores it."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = value
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if value == "tf32" else "highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+
+def test_default_precision_follows_torch():
+    """input_precision=None follows torch's CUDA matmul setting, read when the kernels run."""
+    from fused_lm.nn.functional import flash_attention
+    from fused_lm.ops.attention import default_precision
+
+    q, k, v = _inputs((1, 40, 2, 16), (1, 40, 2, 16), torch.float32)
+    explicit = {p: flash_attention(q, k, v, input_precision=p) for p in ("ieee", "tf32")}
+    assert not torch.equal(explicit["ieee"], explicit["tf32"])
+    for value in ("tf32", "ieee"):
+        with _torch_fp32_precision(value):
+            assert default_precision() == value
+            assert torch.equal(flash_attention(q, k, v), explicit[value])
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")          # the legacy switch
+        assert default_precision() == "tf32"
+    finally:
+        with _torch_fp32_precision("ieee"):
+            pass
+        torch.set_float32_matmul_precision(old)
+
+
+def test_grid_past_65535_batch_x_heads(monkeypatch):
+    """4096 packed sequences x 32 heads = 131072 (batch x head) programs per query block: past
+    the 65535 that grid axis 1 allows. Every kernel launches on a 1-D grid (up to 2**31 - 1
+    programs, decoded in _locate into batch, head, block) that stays within CUDA's limits, which
+    the launcher checks. The launches are recorded, not run: the interpreter costs milliseconds
+    per program (the decoding itself runs in every other test; test_gpu_grid_past_65535 runs
+    this size on a GPU)."""
+    from fused_lm.ops import attention as fa
+    from fused_lm.ops.attention import kernels, launch
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            launch.check_grid(self.name, grid)
+            launched.append((self.name, grid))
+            return lambda *args, **kwargs: None
+
+    for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    lens = [1 + i % 2 for i in range(4096)]
+    q, k, v, cu_q, cu_k = _packed(lens, lens, 32, 8, 16, torch.bfloat16)
+    out = fa.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2,
+                       max_seqlen_k=2, causal=True)[0]
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert [name for name, _ in launched] == ["_fwd_kernel", "_bwd_preprocess_kernel",
+                                              "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    sizes = {name: grid for name, grid in launched}
+    assert sizes["_fwd_kernel"] == sizes["_bwd_dq_kernel"] == (4096 * 32,)    # one query block
+    assert sizes["_bwd_dkdv_kernel"] == (4096 * 8,)                            # per kv head
+    with pytest.raises(ValueError, match="grid axis 1 exceed CUDA's limit 65535"):
+        launch.check_grid("fwd", (1, 4096 * 32))
+
+
+def test_int64_offsets_past_2_31_elements():
+    """Head offsets (h * stride_h) and token-block offsets (m0 * stride_n) past 2**31 elements,
+    in views of buffers that large (allocated lazily on CPU: only the touched pages are backed):
+    the kernels form every base offset in int64."""
+    big = 2**30 + 16
+    heads = torch.empty(3 * big, dtype=torch.float16, device=DEVICE)
+    q = heads.as_strided((1, 9, 3, 16), (0, 16, big, 1))          # head 2 starts at 2**31 + 32
+    q.copy_(randn(1, 9, 3, 16, dtype=torch.float16, device=DEVICE))
+    k, v = (randn(1, 11, 1, 16, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    _check_against_reference(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+                             causal=True)
+    stride = 2**23 - 1                                  # the largest token stride accepted
+    rows = torch.empty(300 * stride, dtype=torch.float16, device=DEVICE)
+    q, k, v = (rows[i * 16:].as_strided((1, 300, 1, 16), (0, stride, 16, 1)) for i in range(3))
+    for t in (q, k, v):
+        t.copy_(randn(1, 300, 1, 16, dtype=torch.float16, device=DEVICE))   # rows up to 2.5e9
+    _check_against_reference(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+                             causal=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -460,6 +679,15 @@ def test_gpu_varlen_window_softcap_deterministic():
              for _ in range(2)]
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_grid_past_65535():
+    """4096 packed sequences of 1-2 tokens x 32 heads (131072 batch x heads) on the GPU."""
+    lens = [1 + i % 2 for i in range(4096)]
+    q, k, v, cu_q, cu_k = _packed(lens, lens, 32, 8, 64, torch.bfloat16)
+    _check_against_reference(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True,
+                             max_seqlen_q=2, max_seqlen_k=2)
 
 
 @pytest.mark.gpu
