@@ -30,4 +30,4 @@ bench:
 	@$(DEV) bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build fused_lm/*.so .build-stamp .triton-*/
+	rm -rf build fused_lm/*.so .build-stamp .build-headers .triton-*/

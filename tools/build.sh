@@ -23,6 +23,13 @@ if [ -n "${FUSED_LM_BUILD_CHECK_ONLY:-}" ]; then
 fi
 say "== building extensions (MAX_JOBS=${MAX_JOBS:-auto}, archs ${FUSED_LM_CUDA_ARCHS:-80;90})"
 start=$(date +%s)
+# torch's ninja rule for .cu files records no header dependencies (the .cpp rule does, -MMD): when
+# a header changed since the last build, the CUDA objects are removed so that every .cu recompiles.
+headers=$( { find csrc/include csrc/cuda -type f \( -name '*.h' -o -name '*.cuh' \) | sort | xargs sha1sum; } \
+           | sha1sum | cut -d' ' -f1)
+if [ "$(cat .build-headers 2>/dev/null)" != "$headers" ]; then
+  find build -path '*csrc/cuda/*.o' -delete 2>/dev/null || true
+fi
 # The console gets the output without setuptools' chatter. Success is the build's own exit
 # status: the filter may drop every line (grep then exits 1), which says nothing about the build.
 set +e
@@ -35,4 +42,6 @@ if [ "$status" -ne 0 ]; then
 fi
 say "== built: $("$PY" -c 'import fused_lm._ext as e; print(e.describe_extensions())')"
 echo "$key" > "$stamp"
+# (a build without its CUDA part leaves the CUDA objects as old as the last CUDA build)
+if [ "${FUSED_LM_SKIP_CUDA_BUILD:-0}" = 0 ]; then echo "$headers" > .build-headers; fi
 say "== build took $(( $(date +%s) - start )) s"
