@@ -25,7 +25,7 @@ say "== building extensions (MAX_JOBS=${MAX_JOBS:-auto}, archs ${FUSED_LM_CUDA_A
 start=$(date +%s)
 # torch's ninja rule for .cu files records no header dependencies (the .cpp rule does, -MMD): when
 # a header changed since the last build, the CUDA objects are removed so that every .cu recompiles.
-headers=$( { find csrc/include csrc/cuda -type f \( -name '*.h' -o -name '*.cuh' \) | sort | xargs sha1sum; } \
+headers=$( { find csrc/include csrc/cuda -type f \( -name '*.h' -o -name '*.cuh' \) 2>/dev/null | sort | xargs -r sha1sum || true; } \
            | sha1sum | cut -d' ' -f1)
 if [ "$(cat .build-headers 2>/dev/null)" != "$headers" ]; then
   find build -path '*csrc/cuda/*.o' -delete 2>/dev/null || true
