@@ -25,7 +25,17 @@ Traffic: 2 reads + 1 write of N*V elements; the floor is 1 read + 1 write = 4*N*
 The grid is capped (_programs) so the rows in flight fit in half the L2 and the second read
 hits L2 (a 128k-vocab bf16 row is 256 KiB: ~100 rows per 25 MiB). Unmeasured so far: whether
 that beats one program per row is the first thing to time on a GPU (FUSED_LM_CE_PROGRAMS).
-Row offsets are int64 (N*V may exceed 2**31); column offsets stay int32 (V < 2**31).
+Launch limits (issue 11): both grids are 1-D, on axis 0 (2**31 - 1 programs; axes 1 and 2 stop at
+65535): _ce_kernel at most N programs, _scale_kernel numel / 2048. Row offsets are int64 (the
+row index is widened before it multiplies the stride: N*V may exceed 2**31); column offsets stay
+int32 (V < 2**31). tests/nn/test_cross_entropy_launch.py checks both.
+
+Backends: ``triton`` (CUDA tensors; CPU tensors under the interpreter) runs this kernel through
+the ``fused_lm::cross_entropy`` custom op. ``torch`` (CPU tensors without the interpreter,
+float64, or forced) routes to torch's own F.cross_entropy with softcap and z-loss composed
+around it by autograd (_cross_entropy_torch): on a CPU that is the fastest implementation there
+is, and a drop-in must not be slower than what it replaces (issue 12; bench/bench_cross_entropy.py).
+_ce_rows_torch, the kernel's math in PyTorch ops, is the chunked linear CE's CE step on CPU.
 
 Out-of-range targets (not ignore_index) raise on CPU tensors, and on CUDA tensors when
 ``FUSED_LM_CHECK=1`` (one host sync). Unchecked, the kernel masks the loads and writes NaN for

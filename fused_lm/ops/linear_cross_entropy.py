@@ -21,8 +21,15 @@ scales them in backward, skipped when it is 1). For ``reduction="none"`` each to
 needs its own grad_output before it enters dW, so the forward computes the losses only and the
 backward runs the chunk loop again with the per-token scales (one extra logits matmul).
 
-Backends: ``triton`` runs the CE kernel of ops/cross_entropy.py on each chunk; ``torch`` runs its
-PyTorch twin, still chunked (its float32 temporaries are counted in the chunk budget).
+Backends: ``triton`` runs the CE kernel of ops/cross_entropy.py on each chunk; ``torch`` (CPU
+tensors without the interpreter, float64, or forced) runs its PyTorch twin built on torch's fused
+log-softmax, still chunked (its float32 temporaries are counted in the chunk budget; on CPU at
+most _CPU_CHUNK_ROWS rows, measured below). The memory is the point of this op, so the CPU path
+stays chunked; it runs at eager's speed or better (bench/bench_cross_entropy.py).
+
+The signature is torch 2.13's F.linear_cross_entropy (``ignore_index=None``, ``options``) plus
+ours; K-dimensional heads and probability targets materialise the logits, as torch's chunked path
+falls back to its reference for them (linear_cross_entropy's docstring).
 """
 
 from __future__ import annotations
