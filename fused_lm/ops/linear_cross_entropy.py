@@ -47,12 +47,14 @@ _ACC_SLICE_BYTES = 32 << 20          # temporary per dW slice when out_dtype mat
 
 
 # CPU (torch backend): rows per chunk. Measured on this project's 2-core Xeon (torch 2.13, fp32,
-# H=256, V=32000, forward+backward, median of 5 interleaved runs, machine shared): N=2048 ran at
-# 1.12x / 1.36x / 1.37x / 1.32x / 1.27x the speed of eager matmul + F.cross_entropy with chunks of
-# 128 / 256 / 512 / 1024 / 2048 rows; N=512 at 0.96x / 0.99x / 0.97x with 128 / 256 / 512 (noise
-# about +-10%). Eager pays for page-faulting its full (N, V) temporaries; a 256-row chunk keeps
-# the logits buffer and the log-softmax temporary at 2 x 256 x V x 4 bytes (64 MiB at V=32000),
-# and its matmuls stay compute-bound (2*256 FLOPs per 4-byte element of W read).
+# H=256, V=32000, forward+backward, median of 5-7 interleaved runs; machine shared, load 8-15,
+# noise about +-10%), speed relative to eager matmul + F.cross_entropy:
+#   N=2048: chunks of 128 / 256 / 512 / 1024 rows -> 1.15x / 1.21x / 1.25x / 1.10x
+#   N=512:  chunks of  64 / 128 / 256 / 512 rows  -> 0.85x / 1.11x / 1.22x / 1.16x
+# Eager pays for page-faulting its full (N, V) temporaries; a 256-row chunk keeps the logits
+# buffer and the log-softmax temporary at 2 x 256 x V x 4 bytes (64 MiB at V=32000), and its
+# matmuls stay compute-bound (2*256 FLOPs per 4-byte element of W read); below ~128 rows the
+# matmuls lose efficiency.
 _CPU_CHUNK_ROWS = 256
 
 
