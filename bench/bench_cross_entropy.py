@@ -21,6 +21,8 @@ H=256, V=32000 fp32 against eager matmul + F.cross_entropy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -257,4 +259,49 @@ def _lce_liger(make, footprint, device):
     return setup
 
 
-__all__ = ["cases"]
+# ----------------------------------------------------------------------------- CPU rounds
+
+def cpu_rounds(rounds: int = 5, reps: int = 5) -> list[str]:
+    """The CPU rows in interleaved rounds (case order and provider order alternate between
+    rounds), for a machine whose cores are shared: one round's ratio compares providers timed
+    back to back; the table gives per-provider median times, the median ratio to torch-eager and
+    its range over the rounds (the noise)."""
+    import statistics
+
+    from bench import harness
+
+    device = torch.device("cpu")
+    cases = _cpu_cases(device)
+    ceilings = harness.measure_ceilings(device, True)
+    times: dict = {}
+    ratios: dict = {}
+    for r in range(rounds):
+        for case in (cases if r % 2 == 0 else cases[::-1]):
+            order = case.providers if r % 2 == 0 else case.providers[::-1]
+            rows = harness.run_case(dataclasses.replace(case, providers=order), device, ceilings,
+                                    True, reps)
+            by = {row.provider: row.median_ms for row in rows if row.median_ms}
+            for name, ms in by.items():
+                times.setdefault((case.op, case.shape, name), []).append(ms)
+            if "fused_lm" in by and "torch-eager" in by:
+                ratios.setdefault((case.op, case.shape), []).append(by["torch-eager"] / by["fused_lm"])
+    lines = [f"CPU rows, {rounds} interleaved rounds of {reps} timed calls, {torch.get_num_threads()} "
+             "threads; ms = median over rounds; ratio = torch-eager time / fused_lm time",
+             "| case | shape | fused_lm ms | torch-eager ms | ratio | range | others |",
+             "|---|---|---|---|---|---|---|"]
+    for (op, shape), rs in ratios.items():
+        others = ", ".join(f"{name} {statistics.median(v):.1f} ms" for (o, s, name), v in times.items()
+                           if (o, s) == (op, shape) and name not in ("fused_lm", "torch-eager"))
+        lines.append(f"| {op} | {shape} | {statistics.median(times[(op, shape, 'fused_lm')]):.1f} | "
+                     f"{statistics.median(times[(op, shape, 'torch-eager')]):.1f} | "
+                     f"{statistics.median(rs):.2f}x | {min(rs):.2f}-{max(rs):.2f} | {others} |")
+    return lines
+
+
+if __name__ == "__main__":                  # python -m bench.bench_cross_entropy [rounds]
+    import sys
+
+    print("\n".join(cpu_rounds(int(sys.argv[1]) if len(sys.argv) > 1 else 5)))
+
+
+__all__ = ["cases", "cpu_rounds"]
