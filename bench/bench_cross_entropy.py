@@ -10,10 +10,13 @@ Ceiling: bf16 matmul TFLOP/s measured in the same run. Peak memory is reported b
 Targets (H100, issue 6): CE >= 0.9 of the bandwidth floor and >= 2x Liger; linear CE >= 0.6 of
 the matmul ceiling and faster than Liger and torch's chunked path.
 
-CPU rows (issue 12, item 12): what a user without a GPU gets. "fused_lm" is the default path
-(backend=None: on CPU tensors without the interpreter, the torch path: F.cross_entropy for the
-CE, the chunked torch path for the linear CE) next to the torch code it replaces, "torch-eager"
-(the reference of the speed-ups); target >= 0.95x. Cases: CE fwd+bwd at N=2048, V=32000 fp32
+CPU rows (issue 12, item 12): what a user without a GPU gets. "fused_lm" is the public default
+path (fused_lm.nn.functional, backend=None: on CPU tensors without the interpreter, the torch
+path: F.cross_entropy for the CE, the chunked torch path for the linear CE) next to the torch
+code it replaces, "torch-eager" (the reference of the speed-ups); target >= 0.95x. For the
+linear CE, "torch-eager" is also what torch 2.13's nn.LinearCrossEntropyLoss runs by default
+(options=None: its reference path, linear + cross_entropy); "torch-chunked" is its opt-in
+chunked path (options=LinearCrossEntropyOptions()). Cases: CE fwd+bwd at N=2048, V=32000 fp32
 (plain; with torch's options: class weights + label smoothing + ignored tokens; with our z-loss
 + softcap, against the same math composed from torch ops), and linear CE fwd+bwd at N=512,
 H=256, V=32000 fp32 against eager matmul + F.cross_entropy.
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case, Provider, Skip, peer, require_backend, rotating
+import fused_lm.nn.functional as FF
 from fused_lm.ops.cross_entropy import cross_entropy
 from fused_lm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -119,8 +123,8 @@ def _cpu_cases(device) -> list[Case]:
 
 def _ce_default(make, footprint, device, weight, kw):
     def setup():
-        return _timed(lambda x, t: cross_entropy(x, t, weight, **kw), rotating(make, footprint, device),
-                      True)
+        return _timed(lambda x, t: FF.cross_entropy(x, t, weight, **kw),
+                      rotating(make, footprint, device), True)
     return setup
 
 
@@ -228,7 +232,8 @@ def _lce_fused(backend, make, footprint, device):
 
 def _lce_default(make, footprint, device):
     def setup():
-        return _lce_timed(lambda x, W, t: linear_cross_entropy(x, W, t), rotating(make, footprint, device))
+        return _lce_timed(lambda x, W, t: FF.linear_cross_entropy(x, W, t),
+                          rotating(make, footprint, device))
     return setup
 
 
@@ -267,6 +272,7 @@ def cpu_rounds(rounds: int = 5, reps: int = 5) -> list[str]:
     back to back; the table gives per-provider median times, the median ratio to torch-eager and
     its range over the rounds (the noise)."""
     import statistics
+    import sys
 
     from bench import harness
 
@@ -285,6 +291,9 @@ def cpu_rounds(rounds: int = 5, reps: int = 5) -> list[str]:
                 times.setdefault((case.op, case.shape, name), []).append(ms)
             if "fused_lm" in by and "torch-eager" in by:
                 ratios.setdefault((case.op, case.shape), []).append(by["torch-eager"] / by["fused_lm"])
+            print(f"round {r + 1}/{rounds} {case.op} {case.shape}: "
+                  + ", ".join(f"{name} {ms:.1f} ms" for name, ms in by.items()),
+                  file=sys.stderr, flush=True)
     lines = [f"CPU rows, {rounds} interleaved rounds of {reps} timed calls, {torch.get_num_threads()} "
              "threads; ms = median over rounds; ratio = torch-eager time / fused_lm time",
              "| case | shape | fused_lm ms | torch-eager ms | ratio | range | others |",

@@ -32,10 +32,13 @@ int32 (V < 2**31). tests/nn/test_cross_entropy_launch.py checks both.
 
 Backends: ``triton`` (CUDA tensors; CPU tensors under the interpreter) runs this kernel through
 the ``fused_lm::cross_entropy`` custom op. ``torch`` (CPU tensors without the interpreter,
-float64, or forced) routes to torch's own F.cross_entropy with softcap and z-loss composed
-around it by autograd (_cross_entropy_torch): on a CPU that is the fastest implementation there
-is, and a drop-in must not be slower than what it replaces (issue 12; bench/bench_cross_entropy.py).
-_ce_rows_torch, the kernel's math in PyTorch ops, is the chunked linear CE's CE step on CPU.
+float64, or forced) routes to torch's own F.cross_entropy (_cross_entropy_torch) for every
+option torch has: on a CPU that is the fastest implementation there is, and a drop-in must not
+be slower than what it replaces (issue 12; bench/bench_cross_entropy.py). With z-loss or
+softcap (torch has neither) it runs the custom op with _ce_rows_torch, the kernel's math in
+PyTorch ops around torch's log_softmax (gradient in the forward, as the kernel): measured ~1.5x
+faster than autograd through tanh + F.cross_entropy + logsumexp on the CPU. _ce_rows_torch is
+also the chunked linear CE's CE step on CPU.
 
 Out-of-range targets (not ignore_index) raise on CPU tensors, and on CUDA tensors when
 ``FUSED_LM_CHECK=1`` (one host sync). Unchecked, the kernel masks the loads and writes NaN for
@@ -500,7 +503,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
     Backends: ``triton`` runs the fused kernel through the ``fused_lm::cross_entropy`` custom op;
     ``torch`` (the default on CPU tensors without the interpreter, and for float64) routes to
-    torch's own ``F.cross_entropy`` (see _cross_entropy_torch)."""
+    torch's own ``F.cross_entropy`` (see _cross_entropy_torch), and with z-loss or softcap
+    runs the custom op on _ce_rows_torch."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 1:
         raise TypeError("input must be a floating tensor of logits with the classes in its last "
                         f"dimension, got {type(input).__name__}"
@@ -517,10 +521,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     # instead of handing it to x.grad (measured ~6% of a CPU fwd+bwd at N=2048, V=32000)
     logits = input if input.dim() == 2 else input.reshape(-1, V)
     t = target.reshape(-1)
-    if which == "torch":
+    if which == "torch" and not z_loss and softcap is None:
         loss = _cross_entropy_torch(logits, t, weight, int(ignore_index), reduction,
-                                    float(label_smoothing), float(z_loss), float(softcap or 0.0))
+                                    float(label_smoothing))
         return loss.reshape(target.shape) if reduction == "none" else loss
+    # z-loss / softcap (torch has neither): the custom op, on the torch backend its analytic
+    # gradient in PyTorch ops (_ce_rows_torch) -- faster on CPU than autograd through
+    # F.cross_entropy + logsumexp + tanh (~1.5x at N=2048, V=32000: README "Losses")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if t.dtype not in (torch.int32, torch.int64):
@@ -535,44 +542,31 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
 
 def _cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                         ignore_index: int, reduction: str, eps: float, z_loss: float,
-                         softcap: float) -> torch.Tensor:
-    """The ``torch`` backend: torch's own ``F.cross_entropy`` (its fused log-softmax + NLL
-    kernels: the fastest CPU implementation there is for the options it has: class weights,
-    ignore_index, label smoothing, every reduction), with softcap and z-loss composed around it
-    in PyTorch and differentiated by autograd. logits (N, V), target (N,).
+                         ignore_index: int, reduction: str, eps: float) -> torch.Tensor:
+    """The ``torch`` backend without z-loss/softcap: torch's own ``F.cross_entropy`` (its fused
+    log-softmax + NLL kernels: the fastest CPU implementation there is for the options it has:
+    class weights, ignore_index, label smoothing, every reduction), differentiated by autograd.
+    logits (N, V), target (N,).
 
     What it keeps of our contract: the loss is float32 for every input dtype (bf16/fp16 logits
-    are upcast first, so it is float32-accurate; float64 is computed in float64); z-loss is
-    z_loss * lse**2 per non-ignored token, its ``mean`` divided by the count of non-ignored
-    tokens; an all-ignored ``mean`` is nan (torch's 0/0). Targets out of range raise on CPU
+    are upcast first, so it is float32-accurate; float64 is computed in float64); an
+    all-ignored ``mean`` is nan (torch's 0/0). Targets out of range raise on CPU
     (check_targets); on other devices they give a NaN loss instead of torch's device assert.
 
-    Unlike the kernel path it keeps no gradient buffer, so a second backward through a retained
+    Unlike the custom op it keeps no gradient buffer, so a second backward through a retained
     graph works, as with torch. Speed on CPU: bench/bench_cross_entropy.py, README "Losses"."""
     N, V = logits.shape
     if not torch.compiler.is_compiling():
         check_targets(target, V, ignore_index)
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()   # (N, V)
-    if softcap > 0.0:
-        x = softcap * torch.tanh(x / softcap)
     t = target.long()                                   # nll_loss takes int64 class indices
-    valid = t != ignore_index
     bad = None
     if logits.device.type != "cpu":
-        bad = valid & ((t < 0) | (t >= V))
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
         t = t.masked_fill(bad, ignore_index)
     w = None if weight is None else weight.to(x.dtype)
     loss = torch.nn.functional.cross_entropy(x, t, w, ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=eps)
-    if z_loss > 0.0:
-        lse = torch.logsumexp(x, dim=1)                                  # (N,)
-        zl = torch.where(valid, z_loss * lse * lse, 0.0)
-        if reduction == "sum":
-            zl = zl.sum()
-        elif reduction == "mean":
-            zl = zl.sum() / valid.sum()
-        loss = loss + zl
     if bad is not None:
         nan = torch.where(bad if reduction == "none" else bad.any(), float("nan"), 0.0)
         loss = loss + nan
