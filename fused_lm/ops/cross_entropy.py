@@ -2,7 +2,7 @@
 
 Math (per token i, logits x_i (V,), target t, class weights w, smoothing eps; reference/cross_entropy.py):
 
-    z      = softcap * tanh(x / softcap)                 (optional; tanh(u) = 2*sigmoid(2u) - 1)
+    z      = softcap * tanh(x / softcap)                 (optional; accurate tanh: ops/_tl_math.py)
     lse    = log sum_c exp(z_c)                          (online softmax: running max m, sum d)
     loss_i = (1-eps) w_t (lse - z_t) + eps/V (W lse - sum_c w_c z_c) + z_loss lse^2,   W = sum_c w_c
 
@@ -25,7 +25,20 @@ Traffic: 2 reads + 1 write of N*V elements; the floor is 1 read + 1 write = 4*N*
 The grid is capped (_programs) so the rows in flight fit in half the L2 and the second read
 hits L2 (a 128k-vocab bf16 row is 256 KiB: ~100 rows per 25 MiB). Unmeasured so far: whether
 that beats one program per row is the first thing to time on a GPU (FUSED_LM_CE_PROGRAMS).
-Row offsets are int64 (N*V may exceed 2**31); column offsets stay int32 (V < 2**31).
+Launch limits (issue 11): both grids are 1-D, on axis 0 (2**31 - 1 programs; axes 1 and 2 stop at
+65535): _ce_kernel at most N programs, _scale_kernel numel / 2048. Row offsets are int64 (the
+row index is widened before it multiplies the stride: N*V may exceed 2**31); column offsets stay
+int32 (V < 2**31). tests/nn/test_cross_entropy_launch.py checks both.
+
+Backends: ``triton`` (CUDA tensors; CPU tensors under the interpreter) runs this kernel through
+the ``fused_lm::cross_entropy`` custom op. ``torch`` (CPU tensors without the interpreter,
+float64, or forced) routes to torch's own F.cross_entropy (_cross_entropy_torch) for every
+option torch has: on a CPU that is the fastest implementation there is, and a drop-in must not
+be slower than what it replaces (issue 12; bench/bench_cross_entropy.py). With z-loss or
+softcap (torch has neither) it runs the custom op with _ce_rows_torch, the kernel's math in
+PyTorch ops around torch's log_softmax (gradient in the forward, as the kernel): measured ~1.5x
+faster than autograd through tanh + F.cross_entropy + logsumexp on the CPU. _ce_rows_torch is
+also the chunked linear CE's CE step on CPU.
 
 Out-of-range targets (not ignore_index) raise on CPU tensors, and on CUDA tensors when
 ``FUSED_LM_CHECK=1`` (one host sync). Unchecked, the kernel masks the loads and writes NaN for
@@ -51,6 +64,8 @@ SPEC = FamilySpec(
 try:
     import triton
     import triton.language as tl
+
+    from fused_lm.ops._tl_math import tanh as _tl_tanh
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
@@ -60,8 +75,11 @@ if triton is not None:
 
     @triton.jit
     def _softcap(x, cap):
-        # tanh through the core sigmoid (the interpreter has no libdevice.tanh): tanh(u) = 2 s(2u) - 1
-        th = 2.0 * tl.sigmoid(2.0 * x / cap) - 1.0
+        # (cap * tanh(x / cap), tanh(x / cap)). _tl_math.tanh keeps ~1.5e-7 relative accuracy at
+        # every |u|; 2*sigmoid(2u) - 1 lost it at small |u| (1e-4 relative at |u| = 1e-3, 5.6e-7
+        # on the fp32 loss at softcap=30: issue 12, item 10). The second value feeds the chain
+        # rule 1 - tanh^2, so forward and backward use the same accurate tanh.
+        th = _tl_tanh(x / cap)
         return cap * th, th
 
     @triton.jit
@@ -291,49 +309,68 @@ def ce_rows_(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.
 
 def _ce_rows_torch(logits, target, weight, ignore_index, eps, z_loss, softcap, mean, den, cnt,
                    rows, grad, row_scale) -> None:
-    """The same math as _ce_kernel in PyTorch (float32, float64 for float64 logits); used on CPU
-    tensors without the interpreter and for dtypes the kernel does not take."""
-    V = logits.shape[1]
+    """The same math as _ce_kernel in PyTorch (float32; float64 for float64 logits): the CE step
+    of the chunked linear CE on CPU tensors without the interpreter, and of dtypes the kernel
+    does not take. Built on torch's fused log-softmax so a chunk costs about what torch's own
+    cross-entropy costs on it (bench/bench_cross_entropy.py):
+
+        logp = log_softmax(z)                  (N, V)   one native pass
+        loss = -(1-eps) w_t logp_t - eps/V sum_c w_c logp_c + z_loss lse^2
+               (sum_c w_c logp_c = s_z - W lse: one matrix-vector product)
+        g    = (a + b W + c) exp(logp) - a [j=t] - b w_j      (exp written straight into grad)
+
+    lse (z-loss only) is read off the row's largest logit, lse = z_max - logp_max, where
+    logp_max lies in [-log V, 0]: no cancellation, one extra read-only pass."""
+    N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(acc)                                                   # (N, V)
+    z = logits if logits.dtype == acc else logits.to(acc)               # (N, V)
+    th = None
     if softcap > 0.0:
         th = torch.tanh(z / softcap)
-        z = softcap * th
-    lse = torch.logsumexp(z, dim=1)                                      # (N,)
+        z = th * softcap
+    z_max = torch.max(z, dim=1) if z_loss != 0.0 else None
+    logp = torch.log_softmax(z, dim=1)                                   # (N, V)
     t = target.long()
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= V))
-    t_safe = torch.where(valid & ~bad, t, 0)
-    z_t = z.gather(1, t_safe[:, None])[:, 0]
-    w_t = weight.to(acc)[t_safe] if weight is not None else torch.ones_like(lse)
-    s_w = weight.to(acc).sum() if weight is not None else float(V)
+    t_safe = torch.where(valid & ~bad, t, 0)[:, None]                    # (N, 1)
+    logp_t = logp.gather(1, t_safe)[:, 0]
+    w = weight.to(acc) if weight is not None else None
+    w_t = w[t_safe[:, 0]] if w is not None else 1.0
     inv_den = 1.0 / den.to(acc) if mean else 1.0
     inv_cnt = 1.0 / cnt.to(acc) if mean else 1.0
-    ce = (1.0 - eps) * w_t * (lse - z_t)
+    ce = -(1.0 - eps) * w_t * logp_t
     if eps > 0.0:
-        s_z = (z * weight.to(acc)).sum(1) if weight is not None else z.sum(1)
-        ce = ce + eps / V * (s_w * lse - s_z)
-    loss = ce * inv_den + z_loss * lse * lse * inv_cnt
-    loss = torch.where(valid, loss, 0.0).masked_fill(bad, float("nan"))
-    rows.copy_(loss)
+        ce = ce - eps / V * (logp @ w if w is not None else logp.sum(1))
+    loss = ce * inv_den
+    lse = None
+    if z_max is not None:
+        lse = z_max.values - logp.gather(1, z_max.indices[:, None])[:, 0]
+        loss = loss + z_loss * lse * lse * inv_cnt
+    rows.copy_(torch.where(valid, loss, 0.0).masked_fill(bad, float("nan")))
     if grad is None:
         return
-    a = (1.0 - eps) * w_t * inv_den
-    b = eps / V * inv_den * torch.ones_like(lse)
-    c = 2.0 * z_loss * lse * inv_cnt
+    a = (1.0 - eps) * w_t * inv_den * torch.ones_like(logp_t)
+    b = eps / V * inv_den
+    coef = a + b * (w.sum() if w is not None else V)
+    if lse is not None:
+        coef = coef + 2.0 * z_loss * lse * inv_cnt
     if row_scale is not None:
         r = row_scale.to(acc)
-        a, b, c = a * r, b * r, c * r
+        a, coef, b = a * r, coef * r, b * r
     a = torch.where(valid, a, 0.0).masked_fill(bad, float("nan"))
-    b = torch.where(valid, b, 0.0)
-    c = torch.where(valid, c, 0.0)
-    g = (a + b * s_w + c)[:, None] * torch.exp(z - lse[:, None])
-    g.scatter_add_(1, t_safe[:, None], -a[:, None])
+    coef = torch.where(valid, coef, 0.0).masked_fill(bad, float("nan"))
+    g = grad if grad.dtype == acc else logp                              # (N, V)
+    torch.exp(logp, out=g)
+    g.mul_(coef[:, None])
+    g.scatter_add_(1, t_safe, -a[:, None])
     if eps > 0.0:
-        g -= b[:, None] * (weight.to(acc)[None, :] if weight is not None else 1.0)
-    if softcap > 0.0:
-        g *= 1.0 - th * th
-    grad.copy_(g)
+        bv = torch.where(valid, b * torch.ones_like(logp_t), 0.0)[:, None]
+        g.sub_(bv * w[None, :] if w is not None else bv)
+    if th is not None:
+        g.mul_(1.0 - th * th)
+    if g is not grad:
+        grad.copy_(g)
 
 
 def scale_(g: torch.Tensor, s: torch.Tensor, per_row: bool, which: str) -> None:
@@ -341,6 +378,10 @@ def scale_(g: torch.Tensor, s: torch.Tensor, per_row: bool, which: str) -> None:
     if g.numel() == 0:
         return
     if which != "triton":
+        # On CPU tensors reading the scalar is no device synchronisation: skip the pass when
+        # grad_output is exactly 1 (the usual loss.backward()), as the kernel does.
+        if not per_row and g.device.type == "cpu" and bool(s == 1.0):
+            return
         g.mul_(s.reshape(-1, *([1] * (g.dim() - 1))) if per_row else s)
         return
     numel = g.numel()
@@ -464,7 +505,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                   backend: Optional[str] = None) -> torch.Tensor:
     """Cross-entropy of logits ``input`` (V,), (N, V) or (B, T, V) (class dimension last)
     against class indices ``target`` (input.shape[:-1]). Returns a float32 loss: a scalar for
-    ``mean``/``sum``, shaped like ``target`` for ``none``. See the module docstring for the math."""
+    ``mean``/``sum``, shaped like ``target`` for ``none``. See the module docstring for the math.
+
+    Backends: ``triton`` runs the fused kernel through the ``fused_lm::cross_entropy`` custom op;
+    ``torch`` (the default on CPU tensors without the interpreter, and for float64) routes to
+    torch's own ``F.cross_entropy`` (see _cross_entropy_torch), and with z-loss or softcap
+    runs the custom op on _ce_rows_torch."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 1:
         raise TypeError("input must be a floating tensor of logits with the classes in its last "
                         f"dimension, got {type(input).__name__}"
@@ -476,10 +522,20 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     _check_target(target, input.shape[:-1], input.device)
     if V == 0:
         raise ValueError("input has 0 classes: expected at least one")
-    logits = input.reshape(-1, V)
+    which = _backend.select("cross_entropy", input.device, input.dtype, backend or None)
+    # (N, V) input is used as is: a reshape view would make autograd copy the (N, V) gradient
+    # instead of handing it to x.grad (measured ~6% of a CPU fwd+bwd at N=2048, V=32000)
+    logits = input if input.dim() == 2 else input.reshape(-1, V)
+    t = target.reshape(-1)
+    if which == "torch" and not z_loss and softcap is None:
+        loss = _cross_entropy_torch(logits, t, weight, int(ignore_index), reduction,
+                                    float(label_smoothing))
+        return loss.reshape(target.shape) if reduction == "none" else loss
+    # z-loss / softcap (torch has neither): the custom op, on the torch backend its analytic
+    # gradient in PyTorch ops (_ce_rows_torch) -- faster on CPU than autograd through
+    # F.cross_entropy + logsumexp + tanh (~1.5x at N=2048, V=32000: README "Losses")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    t = target.reshape(-1)
     if t.dtype not in (torch.int32, torch.int64):
         t = t.long()
     t = t.contiguous()
@@ -487,22 +543,57 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     loss, _ = torch.ops.fused_lm.cross_entropy(logits, t, w, int(ignore_index), reduction,
                                                float(label_smoothing), float(z_loss),
-                                               float(softcap or 0.0), compute_grad, backend or "")
+                                               float(softcap or 0.0), compute_grad, which)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                         ignore_index: int, reduction: str, eps: float) -> torch.Tensor:
+    """The ``torch`` backend without z-loss/softcap: torch's own ``F.cross_entropy`` (its fused
+    log-softmax + NLL kernels: the fastest CPU implementation there is for the options it has:
+    class weights, ignore_index, label smoothing, every reduction), differentiated by autograd.
+    logits (N, V), target (N,).
+
+    What it keeps of our contract: the loss is float32 for every input dtype (bf16/fp16 logits
+    are upcast first, so it is float32-accurate; float64 is computed in float64); an
+    all-ignored ``mean`` is nan (torch's 0/0). Targets out of range raise on CPU
+    (check_targets); on other devices they give a NaN loss instead of torch's device assert.
+
+    Unlike the custom op it keeps no gradient buffer, so a second backward through a retained
+    graph works, as with torch. Speed on CPU: bench/bench_cross_entropy.py, README "Losses"."""
+    N, V = logits.shape
+    if not torch.compiler.is_compiling():
+        check_targets(target, V, ignore_index)
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()   # (N, V)
+    t = target.long()                                   # nll_loss takes int64 class indices
+    bad = None
+    if logits.device.type != "cpu":
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
+        t = t.masked_fill(bad, ignore_index)
+    w = None if weight is None else weight.to(x.dtype)
+    loss = torch.nn.functional.cross_entropy(x, t, w, ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=eps)
+    if bad is not None:
+        nan = torch.where(bad if reduction == "none" else bad.any(), float("nan"), 0.0)
+        loss = loss + nan
+    return loss.float()
 
 
 def _probability_targets(input, target, weight, reduction, label_smoothing, z_loss, softcap):
     """Probability (soft) targets fall back to torch.nn.functional.cross_entropy, with softcap
     and z-loss applied around it in PyTorch (the same definitions as the kernel)."""
     V = input.shape[-1]
-    x = input.reshape(-1, V).float()
+    x = input.reshape(-1, V)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
-    loss = torch.nn.functional.cross_entropy(x, target.reshape(-1, V).float(), weight=weight,
+    loss = torch.nn.functional.cross_entropy(x, target.reshape(-1, V).to(x.dtype),
+                                             weight=None if weight is None else weight.to(x.dtype),
                                              reduction=reduction, label_smoothing=label_smoothing)
     if z_loss:
         zl = z_loss * torch.logsumexp(x, dim=-1) ** 2
         loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.mean()}[reduction]
+    loss = loss.float()
     return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
 
 

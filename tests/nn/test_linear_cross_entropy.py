@@ -1,15 +1,22 @@
-"""Linear cross-entropy (issue 6): chunked x @ W.T + b -> CE against the float64 reference that
-materialises the logits, with chunking forced to several chunks; and the proof that the full
-(N, V) logits are never allocated."""
+"""Linear cross-entropy (issues 6, 12): chunked x @ W.T + b -> CE against the float64 reference
+that materialises the logits, with chunking forced to several chunks; the proof that the full
+(N, V) logits are never allocated; the CPU default path; and conformance with torch 2.13's
+nn.LinearCrossEntropyLoss / F.linear_cross_entropy (signatures, state_dict both ways,
+initialisation, K-dimensional weights, probability targets; skipped where torch lacks them)."""
 
+import inspect
 import math
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_lm.nn as fnn
+from fused_lm import _backend
 from fused_lm.nn import functional as FF
+from fused_lm.ops import linear_cross_entropy as _lce
 from fused_lm.ops.linear_cross_entropy import chunk_rows, linear_cross_entropy
 from fused_lm.reference import cross_entropy as ref
 from tests._helpers import assert_close, backend_devices, randn, requires_cuda
@@ -141,17 +148,17 @@ def test_module_batched_and_no_grad(backend, device, monkeypatch):
                                      reduction="none")
     torch.manual_seed(0)
     lin = torch.nn.Linear(H, V, device=device)                 # same initialisation, same draws
-    torch.testing.assert_close(mod.weight, lin.weight)
-    torch.testing.assert_close(mod.bias, lin.bias)
+    torch.testing.assert_close(mod.linear.weight, lin.weight)
+    torch.testing.assert_close(mod.linear.bias, lin.bias)
     x = randn(B, T, H, device=device)
     t = torch.randint(0, V, (B, T), device=device)
     loss = mod(x, t)
-    expected = ref.linear_cross_entropy(x, mod.weight, t, linear_bias=mod.bias, reduction="none",
-                                        label_smoothing=0.1)
+    expected = ref.linear_cross_entropy(x, mod.linear.weight, t, linear_bias=mod.linear.bias,
+                                        reduction="none", label_smoothing=0.1)
     assert loss.shape == (B, T)
     assert_close(loss, expected, torch.float32)
     loss.sum().backward()
-    assert mod.weight.grad is not None and mod.bias.grad is not None
+    assert mod.linear.weight.grad is not None and mod.linear.bias.grad is not None
     with torch.no_grad():
         assert_close(mod(x, t), expected, torch.float32)
     assert "num_classes=500" in repr(mod)
@@ -197,6 +204,175 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(loss, eloss)
     for a, e in zip(grads, egrads):
         torch.testing.assert_close(a, e)
+
+
+def test_chunk_rows_on_cpu():
+    """CPU tensors (torch path): chunks of at most _CPU_CHUNK_ROWS rows, split evenly, and never
+    above the memory budget."""
+    assert chunk_rows(512, 32000, 4, "torch", device_type="cpu") == 256
+    assert chunk_rows(2048, 32000, 4, "torch", device_type="cpu") == 256
+    assert chunk_rows(300, 32000, 4, "torch", device_type="cpu") == 150
+    assert chunk_rows(257, 32000, 4, "torch", device_type="cpu") == 129
+    assert chunk_rows(100, 32000, 4, "torch", device_type="cpu") == 100
+    assert chunk_rows(4096, 1 << 20, 4, "torch", device_type="cpu") == 32      # 256 MiB budget
+
+
+def test_cpu_default_is_the_chunked_torch_path(monkeypatch):
+    """Without the interpreter CPU tensors take the torch backend, still chunked (the memory is
+    the point of this op), with the same results as the reference."""
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: False)
+    monkeypatch.delenv("FUSED_LM_BACKEND", raising=False)
+    assert _backend.select("linear_cross_entropy", "cpu", torch.float32) == "torch"
+    seen = []
+    real = _lce.chunk_rows
+    monkeypatch.setattr(_lce, "chunk_rows", lambda *a, **k: seen.append(a) or real(*a, **k))
+    x, W, b, t = _problem(300, 16, 700, torch.float32, "cpu", True)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0, weight=torch.rand(700) + 0.5)
+    loss, grads, g = _run(lambda x, W, b: FF.linear_cross_entropy(x, W, t, linear_bias=b, **kw),
+                          (x, W, b))
+    rloss, rgrads, _ = _run(lambda x, W, b: ref.linear_cross_entropy(x, W, t, linear_bias=b, **kw),
+                            (x.double(), W.double(), b.double()), g)
+    assert seen and seen[0][3] == "torch"
+    assert_close(loss, rloss, torch.float32)
+    for got, exp in zip(grads, rgrads):
+        assert_close(got, exp, torch.float32)
+
+
+# ----------------------------------------------------------------------------- torch 2.13 conformance
+
+TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+requires_torch_lce = pytest.mark.skipif(
+    TorchLCE is None, reason=f"torch {torch.__version__} has no torch.nn.LinearCrossEntropyLoss "
+                             "(torch 2.13 has it)")
+requires_torch_lce_functional = pytest.mark.skipif(
+    not hasattr(torch.nn.functional, "linear_cross_entropy"),
+    reason=f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+
+
+def _params(fn):
+    return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+def _ours_then_extras(ours, theirs, extras):
+    mine, torch_params = _params(ours), _params(theirs)
+    assert mine[:len(torch_params)] == torch_params
+    assert [(n, k) for n, _, k in mine[len(torch_params):]] == [
+        (name, inspect.Parameter.KEYWORD_ONLY) for name in extras]
+
+
+@requires_torch_lce
+def test_module_constructor_matches_torch():
+    """torch's keyword names, order, kinds and defaults (ignore_index=None included), then ours."""
+    _ours_then_extras(fnn.LinearCrossEntropyLoss.__init__, TorchLCE.__init__, ["z_loss", "softcap"])
+    ours, theirs = fnn.LinearCrossEntropyLoss(8, 10), TorchLCE(8, 10)
+    assert ours.extra_repr() == theirs.extra_repr() + ", z_loss=0.0, softcap=None"
+    for name in ("num_classes", "out_features", "reduction", "ignore_index", "label_smoothing",
+                 "options", "weight"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+@requires_torch_lce_functional
+def test_functional_signature_matches_torch():
+    _ours_then_extras(FF.linear_cross_entropy, torch.nn.functional.linear_cross_entropy,
+                      ["z_loss", "softcap"])
+
+
+@requires_torch_lce
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("out_features", [(), (3, 2)], ids=["1d", "kdim"])
+def test_same_initialisation_as_torch(bias, out_features):
+    torch.manual_seed(3)
+    theirs = TorchLCE(20, 30, bias=bias, out_features=out_features)
+    torch.manual_seed(3)
+    ours = fnn.LinearCrossEntropyLoss(20, 30, bias=bias, out_features=out_features)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+
+
+@requires_torch_lce
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("out_features", [(), (3,)], ids=["1d", "kdim"])
+def test_state_dict_both_ways(bias, weighted, out_features):
+    """A checkpoint of torch's module loads into ours (strict) and gives the same loss, and the
+    reverse; the keys are linear.weight, linear.bias and weight (class weights) in both."""
+    H, V = 12, 40
+    w = torch.rand(V) + 0.5 if weighted else None
+    theirs = TorchLCE(H, V, bias=bias, weight=w, out_features=out_features)
+    ours = fnn.LinearCrossEntropyLoss(H, V, bias=bias, weight=None if w is None else torch.ones(V),
+                                      out_features=out_features)
+    expected = ["weight"] * weighted + ["linear.weight"] + ["linear.bias"] * bias
+    assert list(theirs.state_dict()) == list(ours.state_dict()) == expected
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(9, H)
+    t = torch.randint(0, V, (9, *out_features))
+    torch.testing.assert_close(ours(x, t), theirs(x, t).float())
+    back = TorchLCE(H, V, bias=bias, weight=None if w is None else torch.ones(V),
+                    out_features=out_features)
+    back.load_state_dict(ours.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+@requires_torch_lce
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["indices", "kdim", "probabilities"])
+def test_module_matches_torch_module(backend, device, reduction, case, monkeypatch):
+    """Our module against torch's (float64) with the same parameters: ignore_index left at its
+    default (None: -100 for class indices), class weights, label smoothing, bias; K-dimensional
+    weights (out_features) and probability targets as torch defines them."""
+    monkeypatch.setenv("FUSED_LM_BACKEND", backend)
+    N, H, V = 11, 10, 300
+    out_features = (3,) if case == "kdim" else ()
+    w = torch.rand(V, device=device) + 0.5
+    kw = dict(bias=True, weight=w, label_smoothing=0.1, reduction=reduction, out_features=out_features)
+    ours = fnn.LinearCrossEntropyLoss(H, V, device=device, **kw)
+    theirs = TorchLCE(H, V, device=device, dtype=torch.float64, **{**kw, "weight": w.double()})
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = randn(N, H, device=device)
+    if case == "probabilities":
+        t = torch.softmax(randn(N, V, device=device), -1)
+    else:
+        t = torch.randint(0, V, (N, *out_features), device=device)
+        t.view(-1)[::4] = -100
+    loss, (dx,), g = _run(lambda x: ours(x, t), (x,))
+    tloss, (tdx,), _ = _run(lambda x: theirs(x, t.double() if case == "probabilities" else t),
+                            (x.double(),), g)
+    assert loss.dtype == torch.float32 and loss.shape == tloss.shape
+    assert_close(loss, tloss, torch.float32, what="loss")
+    assert_close(dx, tdx, torch.float32, what="dx")
+    assert_close(ours.linear.weight.grad, theirs.linear.weight.grad, torch.float32, what="dW")
+    assert_close(ours.linear.bias.grad, theirs.linear.bias.grad, torch.float32, what="db")
+
+
+def test_probability_targets_and_ignore_index():
+    x, W = randn(4, 8), randn(10, 8)
+    p = torch.softmax(randn(4, 10), -1)
+    loss = FF.linear_cross_entropy(x, W, p, label_smoothing=0.1, reduction="none")
+    expected = F.cross_entropy(x.double() @ W.double().T, p.double(), label_smoothing=0.1,
+                               reduction="none")
+    assert loss.dtype == torch.float32
+    assert_close(loss, expected, torch.float32)
+    with pytest.raises(ValueError, match="ignore_index must be None"):
+        FF.linear_cross_entropy(x, W, p, ignore_index=-100)
+    with pytest.raises(ValueError, match="batched input"):
+        FF.linear_cross_entropy(x[0], randn(10, 3, 8), torch.zeros(3, dtype=torch.long))
+
+
+def test_options_lend_their_batch_chunk_size(monkeypatch):
+    """torch's LinearCrossEntropyOptions (duck-typed: torch 2.11 has none) only sets the chunk."""
+    seen = []
+    real = _lce.chunk_rows
+    monkeypatch.setattr(_lce, "chunk_rows", lambda *a, **k: seen.append(a) or real(*a, **k))
+    x, W, b, t = _problem(20, 8, 100, torch.float32, "cpu", False)
+    expected = ref.linear_cross_entropy(x, W, t)
+    for options, chunk in ((types.SimpleNamespace(batch_chunk_size=6), 6),
+                           (types.SimpleNamespace(batch_chunk_size=None), 0), (None, 0)):
+        seen.clear()
+        assert_close(FF.linear_cross_entropy(x, W, t, options=options), expected, torch.float32)
+        assert seen[0][4] == chunk
 
 
 # ----------------------------------------------------------------------------- GPU (realistic sizes)
