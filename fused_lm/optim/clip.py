@@ -68,7 +68,7 @@ from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
 from fused_lm.ops.multi_tensor_norm import (clip_coef, multi_tensor_norm_and_coef,
                                              multi_tensor_norm_coef_flag, nonfinite_flag,
                                              norm_coef_flag_of)
-from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_, scale_of
+from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_",
            "total_norm_and_coef", "total_norm_coef_flag"]
@@ -220,18 +220,9 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0, error_if_no
 
 def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor, backend: str | None,
                  info=None) -> None:
-    """Scales ``grads`` (local tensors) by ``coef``; ``info``: their ``mt.tensor_info`` if known."""
-    if info is None:
-        info = mt.tensor_info(grads)
-    if info is not None:   # one device
-        device = grads[0].device
-        scale_of(grads, info, coef if coef.device == device else coef.to(device), backend=backend)
-        return
-    by_device: OrderedDict = OrderedDict()
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    for device, group in by_device.items():
-        multi_tensor_scale_(group, coef if coef.device == device else coef.to(device), backend=backend)
+    """Scales ``grads`` (local tensors) by ``coef`` (copied to each device by the scale)."""
+    del info
+    multi_tensor_scale_(grads, coef, backend=backend)
 
 
 @torch.no_grad()
