@@ -53,6 +53,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from fused_lm import _backend
+
 # Elements per chunk. 16384 elements give each 256-thread CUDA block 16 iterations of 4-wide
 # vector accesses, and a 124M-parameter model ~7.6k chunks: enough to fill 132 SMs several times
 # over while keeping the chunk table small. Not yet tuned on a GPU (no GPU session so far).
@@ -387,8 +389,6 @@ class TensorBatch:
         appearance, routed by ``_backend.select(op, device, dtype, backend)``. Empty tensors are
         left out. ``copy_strided`` (ops that only read): non-contiguous tensors of kernel routes
         are read through contiguous copies in the table instead of being left to the torch path."""
-        from fused_lm import _backend
-
         info = self.info
         if info is not None:
             device = self.tensors[0].device if self.tensors else None
