@@ -47,7 +47,7 @@ import torch
 from fused_lm import _ext
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
-from fused_lm.ops.multi_tensor_norm import multi_tensor_norm_coef_flag
+from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 from fused_lm.optim import AdamW, Lion
 from fused_lm.reference.clip import total_norm
@@ -337,7 +337,7 @@ def test_norm(emu, norm_type, dtypes, schedule):
         ts = [t for d in dtypes for t in tensors(d)]
         if finite:
             ts = [t.nan_to_num(0.5, 2.0, -2.0) for t in ts]
-        return ts, multi_tensor_norm_coef_flag(ts, norm_type, 0.25, backend="cpu")
+        return ts, multi_tensor_norm(ts, norm_type, 0.25, backend="cpu")
     for finite in (True, False):
         (ts, cpu), (_, cuda) = twin(emu, lambda: run(finite))
         if norm_type in (math.inf, -math.inf) or not finite:   # order-free (NaN propagates)
@@ -745,7 +745,7 @@ def _mutant_case(emu, what: str):
     else:
         def run():
             ts = [torch.randn(n) for n in (40000, 4097)]
-            return list(multi_tensor_norm_coef_flag(ts, 2.0, 1.0, backend="cpu"))
+            return list(multi_tensor_norm(ts, 2.0, 1.0, backend="cpu"))
     cpu, cuda = twin(emu, run)
     if what == "norm":
         assert_close(cuda[0], cpu[0], torch.float32)

@@ -75,7 +75,7 @@ def test_mixed_dtypes_and_layouts(backend, device, path):
     # float64 only where the backend is picked per dtype (an explicit kernel backend rejects it)
     xs = _mixed(device, torch.float64 if backend in (None, "torch") else torch.float32)
     for p in (2.0, 1.0, math.inf, 3.0):
-        assert_close(multi_tensor_norm(xs, p, backend=backend), ref.total_norm(xs, p), torch.float32,
+        assert_close(multi_tensor_norm(xs, p, backend=backend).norm, ref.total_norm(xs, p), torch.float32,
                      scale=1.0 if p != 3.0 else 20.0, what=f"p={p}")
     want = ref_scale(xs, 0.75)
     multi_tensor_scale_(xs, torch.tensor(0.75, device=device), backend=backend)
@@ -96,7 +96,7 @@ def test_reallocated_tensors_picked_up(backend, device, path):
     multi_tensor_scale_(xs, 1.0, backend=backend)
     old = [x.clone() for x in xs]
     ys = [randn(5, device=device) * 3, randn(mt.CHUNK + 1, dtype=torch.bfloat16, device=device)]
-    assert_close(multi_tensor_norm(ys, backend=backend), ref.total_norm(ys), torch.float32)
+    assert_close(multi_tensor_norm(ys, backend=backend).norm, ref.total_norm(ys), torch.float32)
     want = ref_scale(ys, 0.5)
     multi_tensor_scale_(ys, 0.5, backend=backend)
     for y, w in zip(ys, want):

@@ -14,10 +14,16 @@ kernels, so there is no kernel-argument size ceiling and no per-tensor launch.
 sizes, groups; compared with ``torch.equal``): a call whose tensors did not move costs no device
 work; when only addresses moved, the chunk table is reused and only the address table is new.
 
-`tensor_info` reads, in one C++ call (``fused_lm._C.multi_tensor_info``; a Python twin without
-the extension), the addresses, sizes, dtypes and contiguity of a list of tensors and checks them
-(plain, dense, real floating, one device), so the norm / scale / clamp paths bucket by dtype and
-build tables with numpy instead of per-tensor Python (``dtype_buckets``, ``TableCache.get_rows``).
+`TensorBatch` is how the one-list ops (norm, scale, clamp) see their tensors: described once, then
+routed once. Plain tensors on one device take the fast path: `tensor_info` reads, in one C++ call
+(``fused_lm._C.multi_tensor_info``; a Python twin without the extension), their addresses, sizes,
+dtypes and contiguity and checks them (plain, dense, real floating, one device), and the buckets
+and tables come from those columns with numpy (``dtype_buckets``, ``TableCache.get_rows``), no
+per-tensor Python. Anything else (DTensor shards, several devices, a tensor that fails the checks)
+takes the general path: per-tensor checks with messages (``check_tensors``), local shards
+(``local_shard``), buckets by (device, dtype). Either way ``TensorBatch.buckets(op)`` yields one
+``Bucket`` per (device, dtype) with the backend ``_backend.select`` picks for the op, and the
+table the kernel reads or the tensors the torch path takes.
 
 Triton kernels (the helpers at the bottom, shared by every multi-tensor kernel):
 
@@ -42,10 +48,12 @@ Triton kernels (the helpers at the bottom, shared by every multi-tensor kernel):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from fused_lm import _backend
 
 # Elements per chunk. 16384 elements give each 256-thread CUDA block 16 iterations of 4-wide
 # vector accesses, and a 124M-parameter model ~7.6k chunks: enough to fill 132 SMs several times
@@ -252,7 +260,15 @@ _native_info = None   # fused_lm._C.multi_tensor_info once looked up; False when
 # C++ helper gives the same codes; other floating dtypes get codes of their own).
 _DTYPE_CODES: dict[torch.dtype, int] = {torch.float16: 5, torch.float32: 6, torch.float64: 7,
                                         torch.bfloat16: 15}
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+# The types the fast path takes: no tensor subclass but Parameter (a DTensor, a tensor subclass
+# with a storage of its own elsewhere, goes through ``local_shard`` on the general path).
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads and writes for ``t``: a DTensor's local shard (an alias of its
+    storage, what ``to_local()`` returns under no_grad), else ``t`` itself."""
+    return getattr(t, "_local_tensor", t)
 
 
 def tensor_info_py(tensors: list) -> np.ndarray | None:
@@ -261,7 +277,7 @@ def tensor_info_py(tensors: list) -> np.ndarray | None:
     out = np.empty((4, n), dtype=np.int64)
     device = None
     for i, t in enumerate(tensors):
-        if (type(t) not in _PLAIN_TYPES or t.layout != torch.strided or not t.is_floating_point()
+        if (type(t) not in PLAIN_TYPES or t.layout != torch.strided or not t.is_floating_point()
                 or t.is_neg()):
             return None
         if device is None:
@@ -317,6 +333,94 @@ def bucket_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     for i, t in enumerate(tensors):
         buckets.setdefault((t.device, t.dtype), []).append(i)
     return buckets
+
+
+class Bucket(NamedTuple):
+    """The tensors of one (device, dtype) of a ``TensorBatch`` that one op runs on one backend.
+    ``table``: the kernel's table of the contiguous non-empty tensors (None on the torch route
+    or when there is none); ``tensors``: what the kernel does not take, for the op's torch path
+    (the whole bucket on the torch route, else the non-contiguous tensors); ``keep``: contiguous
+    copies read through ``table`` (``copy_strided``), alive until the launch."""
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    table: TensorTable | None
+    tensors: list
+    keep: list
+
+
+# The tables of every one-list op (norm, scale and clamp of the same tensors share an entry: a
+# table holds addresses and sizes only, the kernels take the dtype).
+_TABLES = TableCache(size=16)
+
+
+class TensorBatch:
+    """A list of tensors described once for the one-list multi-tensor ops (norm, scale, clamp).
+
+    ``source``: the tensors as given; ``tensors``: what the kernels read and write (local shards
+    of DTensors); ``info``: the ``tensor_info`` columns on the fast path (plain tensors on one
+    device, already checked), else None; ``sharded``: some tensor is a DTensor. Bad input raises
+    here with the message of ``check_tensors``, before any op touches a tensor. Build it once and
+    pass it to several ops (``clip_grad_norm_``: the norm, then the scale)."""
+
+    __slots__ = ("source", "tensors", "info", "sharded")
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self.source = list(tensors)
+        self.info = tensor_info(self.source)
+        if self.info is not None:
+            self.tensors, self.sharded = self.source, False
+            return
+        self.tensors = [local_shard(t) for t in self.source]
+        self.sharded = any(t is not s for t, s in zip(self.tensors, self.source))
+        check_tensors(self.tensors)
+
+    @classmethod
+    def of(cls, tensors) -> "TensorBatch":
+        """``tensors`` if already a batch, else the batch of it."""
+        return tensors if isinstance(tensors, cls) else cls(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def buckets(self, op: str, backend: str | None = None, *, copy_strided: bool = False
+                ) -> Iterator[Bucket]:
+        """One ``Bucket`` per (device, dtype) holding an element, in the order of first
+        appearance, routed by ``_backend.select(op, device, dtype, backend)``. Empty tensors are
+        left out. ``copy_strided`` (ops that only read): non-contiguous tensors of kernel routes
+        are read through contiguous copies in the table instead of being left to the torch path."""
+        info = self.info
+        if info is not None:
+            device = self.tensors[0].device if self.tensors else None
+            for dtype, idx in dtype_buckets(self.tensors, info):
+                idx = idx[info[1, idx] > 0]
+                if idx.size == 0:
+                    continue
+                which = _backend.select(op, device, dtype, backend)
+                if which != "torch" and info[3, idx].all():   # all contiguous: table from info
+                    yield Bucket(device, dtype, which,
+                                 _TABLES.get_rows(info[0, idx], info[1, idx], device), [], [])
+                else:
+                    yield _bucket(device, dtype, which, [self.tensors[i] for i in idx.tolist()],
+                                  copy_strided)
+            return
+        for (device, dtype), idx in bucket_by_dtype(self.tensors).items():
+            group = [self.tensors[i] for i in idx if self.tensors[i].numel() > 0]
+            if group:
+                yield _bucket(device, dtype, _backend.select(op, device, dtype, backend), group,
+                              copy_strided)
+
+
+def _bucket(device, dtype, which: str, group: list, copy_strided: bool) -> Bucket:
+    """The bucket of the non-empty tensors ``group`` (general path, or a non-contiguous one)."""
+    if which == "torch":
+        return Bucket(device, dtype, which, None, group, [])
+    if copy_strided:
+        dense = [t if t.is_contiguous() else t.contiguous() for t in group]
+        return Bucket(device, dtype, which, _TABLES.get([dense]), [], dense)
+    dense = [t for t in group if t.is_contiguous()]
+    strided = [t for t in group if not t.is_contiguous()]
+    return Bucket(device, dtype, which, _TABLES.get([dense]) if dense else None, strided, [])
 
 
 TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -39,8 +39,6 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
-_cache = mt.TableCache()
-
 if triton is not None:
 
     @triton.jit
@@ -65,46 +63,18 @@ if triton is not None:
 _BLOCK = 1024
 
 
-def multi_tensor_clamp_(tensors: Sequence[torch.Tensor], lo: float, hi: float, *,
+def multi_tensor_clamp_(tensors: Sequence[torch.Tensor] | mt.TensorBatch, lo: float, hi: float, *,
                         backend: str | None = None) -> None:
-    """Clamps every tensor of ``tensors`` to ``[lo, hi]`` in place (clamp_min then clamp_max)."""
-    tensors = list(tensors)
-    info = mt.tensor_info(tensors)
-    if info is None:
-        mt.check_tensors(tensors)
+    """Clamps every tensor of ``tensors`` (a list or a ``TensorBatch``) to ``[lo, hi]`` in place
+    (clamp_min then clamp_max). Non-contiguous tensors are clamped through the torch path."""
+    batch = mt.TensorBatch.of(tensors)
     lo, hi = float(lo), float(hi)
-    if info is not None:
-        device = tensors[0].device if tensors else None
-        for dtype, idx in mt.dtype_buckets(tensors, info):
-            idx = idx[info[1, idx] > 0]
-            if idx.size == 0:
-                continue
-            which = _backend.select("multi_tensor_clamp", device, dtype, backend)
-            if which != "torch" and info[3, idx].all():   # all contiguous: table from info
-                _launch(which, dtype, lo, hi, _cache.get_rows(info[0, idx], info[1, idx], device))
-            else:
-                _clamp_group(which, dtype, [tensors[i] for i in idx.tolist()], lo, hi)
-        return
-    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
-        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
-        if group:
-            which = _backend.select("multi_tensor_clamp", device, dtype, backend)
-            _clamp_group(which, dtype, group, lo, hi)
-
-
-
-
-def _clamp_group(which: str, dtype: torch.dtype, group: list[torch.Tensor], lo: float, hi: float) -> None:
-    """Clamps one (device, dtype) bucket of non-empty tensors: non-contiguous ones through torch."""
-    dense = [t for t in group if t.is_contiguous()]
-    strided = [t for t in group if not t.is_contiguous()]
-    if which == "torch":
-        dense, strided = [], group
-    if strided:
-        torch._foreach_clamp_min_(strided, lo)
-        torch._foreach_clamp_max_(strided, hi)
-    if dense:
-        _launch(which, dtype, lo, hi, _cache.get([dense]))
+    for b in batch.buckets("multi_tensor_clamp", backend):
+        if b.tensors:
+            torch._foreach_clamp_min_(b.tensors, lo)
+            torch._foreach_clamp_max_(b.tensors, hi)
+        if b.table is not None:
+            _launch(b.backend, b.dtype, lo, hi, b.table)
 
 
 def _launch(which: str, dtype: torch.dtype, lo: float, hi: float, table: mt.TensorTable) -> None:

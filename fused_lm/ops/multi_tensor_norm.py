@@ -25,6 +25,13 @@ Bytes moved: numel * itemsize read + 4 bytes per chunk (the partials), i.e. the 
 at the device's read bandwidth. Per-element math: csrc/include/fused_lm/norm_functors.h, shared by
 the CUDA and CPU kernels; the Triton kernel below writes the same formulas.
 
+One entry point, ``multi_tensor_norm(tensors, norm_type, max_norm, *, process_group, backend)``,
+returns ``Norm(norm, coef, flag)``: every caller (get_total_norm, clip_grad_norm_, an optimizer's
+``max_grad_norm``) reads the field it needs. Sharded tensors: a DTensor's local shard is reduced to
+a partial norm, all-reduced over the mesh dimensions the DTensor is sharded on (sum of |x|^p, or
+max / min for +-inf, then the root); plain tensors' partials over ``process_group`` when given
+(ZeRO-style disjoint slices). fused_lm/optim/clip.py has the torch-signature wrappers.
+
 Not registered as a torch.library custom op: like torch's clip_grad_norm_ (a Python loop of
 foreach calls) it runs outside compiled regions; under torch.compile it is a graph break.
 
@@ -37,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -61,8 +68,6 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
 
 # Reduction kinds, as in csrc/include/fused_lm/norm_functors.h (NormKind).
 SUM_ABS, SUM_SQ, SUM_POW, MAX_ABS, MIN_ABS = 0, 1, 2, 3, 4
-
-_cache = mt.TableCache()
 
 if triton is not None:
 
@@ -221,59 +226,30 @@ def _finalize(which: str, partials: torch.Tensor, kind: int, p: float, max_norm:
     return out
 
 
-def _buckets(tensors: list[torch.Tensor], info, backend: str | None):
-    """(device, dtype, route, non-empty tensors) per (device, dtype) bucket with an element; with
-    ``info`` (mt.tensor_info: one device, all checked) the tensors of kernel routes whose tensors
-    are all contiguous are not listed (None): the table is built from ``info``'s columns."""
-    if info is None:
-        for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
-            group = [tensors[i] for i in idx if tensors[i].numel() > 0]
-            if group:
-                yield device, dtype, _backend.select("multi_tensor_norm", device, dtype, backend), group, None
-        return
-    device = tensors[0].device
-    for dtype, idx in mt.dtype_buckets(tensors, info):
-        idx = idx[info[1, idx] > 0]
-        if idx.size == 0:
-            continue
-        which = _backend.select("multi_tensor_norm", device, dtype, backend)
-        if which != "torch" and info[3, idx].all():
-            yield device, dtype, which, None, (info[0, idx], info[1, idx])
-        else:
-            yield device, dtype, which, [tensors[i] for i in idx.tolist()], None
-
-
-def _route_norms(tensors: list[torch.Tensor], kind: int, p: float, max_norm: float,
-                 backend: str | None, info=None) -> list[torch.Tensor]:
-    """One result per (device, route): a float32 (3,) tensor [norm, coef, flag] from each kernel route
-    (one partials buffer and one finalise per device and backend), or a 0-d norm from the torch
-    route (dtypes the kernels do not take, or backend="torch")."""
-    routes: OrderedDict[tuple, list] = OrderedDict()
-    for device, dtype, which, group, rows in _buckets(tensors, info, backend):
-        routes.setdefault((device, which), []).append((dtype, group, rows))
+def _route_norms(batch: mt.TensorBatch, kind: int, p: float, max_norm: float,
+                 backend: str | None) -> list[torch.Tensor]:
+    """One result per (device, route): a float32 (3,) tensor [norm, coef, flag] from each kernel
+    route (one partials buffer and one finalise per device and backend; non-contiguous tensors
+    are read through contiguous copies), or a 0-d norm per dtype from the torch route (dtypes the
+    kernels do not take, or backend="torch")."""
+    routes: OrderedDict[tuple, list[mt.Bucket]] = OrderedDict()
+    for b in batch.buckets("multi_tensor_norm", backend, copy_strided=True):
+        routes.setdefault((b.device, b.backend), []).append(b)
     results = []
     for (device, which), buckets in routes.items():
         if which == "torch":
-            for dtype, group, _ in buckets:
-                acc = torch.float64 if dtype == torch.float64 else torch.float32
-                norms = torch._foreach_norm(group, p, dtype=acc)
+            for b in buckets:
+                acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+                norms = torch._foreach_norm(b.tensors, p, dtype=acc)
                 results.append(torch.linalg.vector_norm(torch.stack(norms), p))
             continue
-        tables, keep = [], []
-        for _, group, rows in buckets:
-            if rows is not None:
-                tables.append(_cache.get_rows(rows[0], rows[1], device))
-            else:
-                # Reads only: a non-contiguous tensor is read through a contiguous copy (kept
-                # alive until the launch).
-                dense = [t if t.is_contiguous() else t.contiguous() for t in group]
-                keep.append(dense)
-                tables.append(_cache.get([dense]))
-        partials = torch.empty(sum(t.n_chunks for t in tables), dtype=torch.float32, device=device)
+        partials = torch.empty(sum(b.table.n_chunks for b in buckets), dtype=torch.float32,
+                               device=device)
         offset = 0
-        for (dtype, _, _), table in zip(buckets, tables):
-            _launch_partials(which, dtype, kind, p, partials[offset:offset + table.n_chunks], table)
-            offset += table.n_chunks
+        for b in buckets:
+            _launch_partials(which, b.dtype, kind, p, partials[offset:offset + b.table.n_chunks],
+                             b.table)
+            offset += b.table.n_chunks
         results.append(_finalize(which, partials, kind, p, max_norm))
     return results
 
@@ -292,55 +268,125 @@ def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(norm)).to(torch.float32)
 
 
-def multi_tensor_norm_coef_flag(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
-                                max_norm: float = 1.0, *, backend: str | None = None
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(global norm, clip coefficient, non-finite flag) of ``tensors`` as float32 0-d tensors on
-    the first tensor's device (no host synchronisation). With one device and kernel dtypes the
-    three come from the finalise launch; otherwise per-device norms are combined with torch ops.
-    An empty list gives ``(tensor(0.), tensor(1.), tensor(0.))`` on the CPU, as torch's
+class Norm(NamedTuple):
+    """What ``multi_tensor_norm`` returns, three 0-d tensors on the first tensor's device."""
+    norm: torch.Tensor   # the global norm (float32; float64 when a tensor is float64)
+    coef: torch.Tensor   # clamp(max_norm / (norm + 1e-6), max=1), the clip coefficient
+    flag: torch.Tensor   # float32 1 when the norm is NaN or +-inf, else 0
+
+
+def multi_tensor_norm(tensors: Sequence[torch.Tensor] | mt.TensorBatch, norm_type: float = 2.0,
+                      max_norm: float = 1.0, *, process_group=None, backend: str | None = None
+                      ) -> Norm:
+    """``Norm(norm, coef, flag)`` of ``tensors`` (a list or a ``TensorBatch``: plain tensors or
+    DTensors) viewed as one vector, as 0-d tensors on the first tensor's (local) device, with no
+    host synchronisation. With one device and kernel dtypes the three come from the finalise
+    launch; otherwise per-device norms are combined with torch ops. DTensors' partial norms are
+    all-reduced over the mesh dimensions they are sharded on, plain tensors' over
+    ``process_group`` when given (ZeRO-style sharding), else taken as global (single process,
+    DDP). An empty list gives ``(tensor(0.), tensor(1.), tensor(0.))`` on the CPU, as torch's
     ``get_total_norm`` returns ``tensor(0.)``."""
-    tensors = list(tensors)
-    return norm_coef_flag_of(tensors, mt.tensor_info(tensors), norm_type, max_norm, backend=backend)
-
-
-def norm_coef_flag_of(tensors: list[torch.Tensor], info, norm_type: float = 2.0,
-                      max_norm: float = 1.0, *, backend: str | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``multi_tensor_norm_coef_flag`` of the list ``tensors`` with ``info`` =
-    ``mt.tensor_info(tensors)`` already computed (None: the per-tensor checks and general path)."""
-    if info is None:
-        mt.check_tensors(tensors)
-    if not tensors:
-        norm = torch.zeros((), dtype=torch.float32)
-        return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
-    first = tensors[0].device
+    batch = mt.TensorBatch.of(tensors)
     p = float(norm_type)
+    max_norm = float(max_norm)
+    if batch.sharded or process_group is not None:
+        norm = _sharded_norm(batch, p, max_norm, process_group, backend)
+    else:
+        norm = _local_norm(batch, p, max_norm, backend)
+        if norm.dim() == 1:   # the finalise launch's [norm, coef, flag]
+            return Norm(norm[0], norm[1], norm[2])
+    return Norm(norm, clip_coef(norm, max_norm), nonfinite_flag(norm))
+
+
+def _local_norm(batch: mt.TensorBatch, p: float, max_norm: float, backend: str | None
+                ) -> torch.Tensor:
+    """The norm of the batch's tensors on this process: the finalise launch's (3,) [norm, coef,
+    flag] when one kernel route on the first device took every element, else a 0-d norm."""
+    tensors = batch.tensors
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    first = tensors[0].device
     if p == 0.0:
-        norm = _count_norm(tensors, first)
-        return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
+        return _count_norm(tensors, first)
     kind, p = norm_kind(p)
-    results = _route_norms(tensors, kind, p, max_norm, backend, info)
+    results = _route_norms(batch, kind, p, max_norm, backend)
     if len(results) == 1 and results[0].dim() == 1 and results[0].device == first:
-        return results[0][0], results[0][1], results[0][2]
+        return results[0]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if not results:
-        norm = torch.full((), empty_norm(p), dtype=dtype, device=first)
-    else:
-        norms = [r[0] if r.dim() == 1 else r for r in results]
-        norm = torch.linalg.vector_norm(torch.stack([n.to(first, dtype) for n in norms]), p)
-    return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
+        return torch.full((), empty_norm(p), dtype=dtype, device=first)
+    norms = [r[0] if r.dim() == 1 else r for r in results]
+    return torch.linalg.vector_norm(torch.stack([n.to(first, dtype) for n in norms]), p)
 
 
-def multi_tensor_norm_and_coef(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
-                               max_norm: float = 1.0, *, backend: str | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global norm, clip coefficient): ``multi_tensor_norm_coef_flag`` without the flag."""
-    return multi_tensor_norm_coef_flag(tensors, norm_type, max_norm, backend=backend)[:2]
+# -- sharded tensors: FSDP2's DTensors, a process group over disjoint slices --------------------
+
+def _shard_groups(batch: mt.TensorBatch, process_group) -> list[tuple[list, list]]:
+    """(local tensors, process groups to all-reduce their partial norm over) per (device mesh,
+    mesh dimensions a DTensor is sharded on), in order of first appearance; plain tensors form
+    one group reduced over ``process_group`` (none without), which is there even when this rank
+    holds no tensor, so that it still joins the all-reduce. ``Partial`` placements are first
+    redistributed to ``Replicate`` (a partial sum's norm is not a part of the norm)."""
+    groups: OrderedDict = OrderedDict()
+    plain_pgs = [process_group] if process_group is not None else []
+    for src, local in zip(batch.source, batch.tensors):
+        if local is src:
+            key, pgs = None, plain_pgs
+        else:
+            if any(pl.is_partial() for pl in src.placements):
+                from torch.distributed.tensor import Replicate
+
+                src = src.redistribute(src.device_mesh, [Replicate() if pl.is_partial() else pl
+                                                         for pl in src.placements])
+                local = mt.local_shard(src)
+            dims = tuple(i for i, pl in enumerate(src.placements) if pl.is_shard())
+            key = (id(src.device_mesh), dims)
+            pgs = [src.device_mesh.get_group(d) for d in dims]
+        groups.setdefault(key, ([], pgs))[0].append(local)
+    if process_group is not None and None not in groups:
+        groups[None] = ([], plain_pgs)
+    return list(groups.values())
 
 
-def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,
-                      backend: str | None = None) -> torch.Tensor:
-    """The p-norm of all ``tensors`` viewed as one vector: a float32 0-d tensor on the first
-    tensor's device (see the module docstring for launches, dtypes and devices)."""
-    return multi_tensor_norm_and_coef(tensors, norm_type, 1.0, backend=backend)[0]
+def _sharded_norm(batch: mt.TensorBatch, p: float, max_norm: float, process_group,
+                  backend: str | None) -> torch.Tensor:
+    """The global norm of sharded tensors: each group's local norm, all-reduced over its process
+    groups, then the groups' norms combined on the first one's device."""
+    if p == 0.0:
+        raise NotImplementedError("norm_type=0 (torch's count of non-zero gradients) is not defined "
+                                  "across shards; use a norm type p != 0")
+    parts = []
+    for local, pgs in _shard_groups(batch, process_group):
+        norm = _local_norm(mt.TensorBatch(local), p, max_norm, backend)
+        norm = norm[0] if norm.dim() == 1 else norm
+        parts.append(_allreduce_norm(norm, p, pgs) if pgs else norm)
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].device
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([x.to(first, dtype) for x in parts]), p)
+
+
+def _allreduce_norm(norm: torch.Tensor, p: float, groups: list) -> torch.Tensor:
+    """Combines per-rank norms over ``groups`` into the norm of the union of the ranks' elements:
+    the sum of p-th powers (then the root) for finite p, the max (min) for inf (-inf). NaN on any
+    rank gives NaN everywhere (a flag travels with max/min, whose NaN handling is backend-defined)."""
+    import torch.distributed as dist
+
+    if math.isinf(p):
+        nan = torch.isnan(norm)
+        val = norm.masked_fill(nan, 0.0 if p > 0 else math.inf).reshape(1)
+        flag = nan.to(norm.dtype).reshape(1)
+        for g in groups:
+            if p > 0:  # one message: the max of [norm, flag]
+                buf = torch.cat([val, flag])
+                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=g)
+                val, flag = buf[0:1], buf[1:2]
+            else:
+                dist.all_reduce(val, op=dist.ReduceOp.MIN, group=g)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g)
+        return torch.where(flag[0] > 0, torch.full_like(val[0], math.nan), val[0])
+    power = (norm.double() if norm.dtype == torch.float64 else norm.float()).pow(p).reshape(1)
+    for g in groups:
+        dist.all_reduce(power, op=dist.ReduceOp.SUM, group=g)
+    return power.pow(1.0 / p).reshape(()).to(norm.dtype)

@@ -37,8 +37,6 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
-_cache = mt.TableCache()
-
 if triton is not None:
 
     @triton.jit
@@ -62,61 +60,38 @@ if triton is not None:
 _BLOCK = 1024
 
 
-def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _check_scale(scale: float | torch.Tensor) -> float | torch.Tensor:
+    """A Python float, or a float32 0-d tensor where it is (no host synchronisation)."""
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
-        if scale.device != device:
-            raise ValueError(f"scale is on {scale.device} but the tensors are on {device}")
         if scale.is_complex():
             raise TypeError("scale must be real, got a complex tensor")
         return scale.reshape(()).to(torch.float32)
-    return torch.full((), float(scale), dtype=torch.float32, device=device)
+    return float(scale)
 
 
-
-
-def multi_tensor_scale_(tensors: Sequence[torch.Tensor], scale: float | torch.Tensor, *,
-                        backend: str | None = None) -> None:
-    """Multiplies every tensor in ``tensors`` by ``scale`` in place, one launch per
-    (device, dtype). Non-contiguous tensors are scaled through the torch path."""
-    tensors = list(tensors)
-    scale_of(tensors, mt.tensor_info(tensors), scale, backend=backend)
-
-
-def scale_of(tensors: list[torch.Tensor], info, scale: float | torch.Tensor, *,
-             backend: str | None = None) -> None:
-    """``multi_tensor_scale_`` of the list ``tensors`` with ``info`` = ``mt.tensor_info(tensors)``
-    already computed (None: the per-tensor checks and general path)."""
-    if info is not None:
-        device = tensors[0].device if tensors else None
-        for dtype, idx in mt.dtype_buckets(tensors, info):
-            which = _backend.select("multi_tensor_scale", device, dtype, backend)
-            s = _scale_tensor(scale, device)
-            if which != "torch" and info[3, idx].all():   # all contiguous: table from info
-                keep = info[1, idx] > 0
-                _launch(which, dtype, s, _cache.get_rows(info[0, idx[keep]], info[1, idx[keep]], device))
+def multi_tensor_scale_(tensors: Sequence[torch.Tensor] | mt.TensorBatch, scale: float | torch.Tensor,
+                        *, backend: str | None = None) -> None:
+    """Multiplies every tensor in ``tensors`` (a list or a ``TensorBatch``) by ``scale`` in
+    place, one launch per (device, dtype). Non-contiguous tensors are scaled through the torch
+    path. A tensor ``scale`` on another device than a bucket's is copied there (non-blocking),
+    as torch's clip_grads_with_norm_ moves its coefficient."""
+    batch = mt.TensorBatch.of(tensors)
+    scale = _check_scale(scale)
+    on: dict = {}     # device -> the scale there, as the float32 0-d tensor the kernels read
+    for b in batch.buckets("multi_tensor_scale", backend):
+        s = on.get(b.device)
+        if s is None:
+            if not isinstance(scale, torch.Tensor):
+                s = torch.full((), scale, dtype=torch.float32, device=b.device)
             else:
-                _scale_group(which, dtype, [tensors[i] for i in idx.tolist()], s)
-        return
-    mt.check_tensors(tensors)
-    for (device, dtype), idx in mt.bucket_by_dtype(tensors).items():
-        which = _backend.select("multi_tensor_scale", device, dtype, backend)
-        _scale_group(which, dtype, [tensors[i] for i in idx], _scale_tensor(scale, device))
-
-
-def _scale_group(which: str, dtype: torch.dtype, group: list[torch.Tensor], s: torch.Tensor) -> None:
-    """Scales one (device, dtype) bucket: non-contiguous tensors through torch."""
-    dense = [t for t in group if t.is_contiguous()]
-    strided = [t for t in group if not t.is_contiguous()]
-    if strided:
-        torch._foreach_mul_(strided, s)
-    if not dense:
-        return
-    if which == "torch":
-        torch._foreach_mul_(dense, s)
-        return
-    _launch(which, dtype, s, _cache.get([dense]))
+                s = scale if scale.device == b.device else scale.to(b.device, non_blocking=True)
+            on[b.device] = s
+        if b.tensors:
+            torch._foreach_mul_(b.tensors, s)
+        if b.table is not None:
+            _launch(b.backend, b.dtype, s, b.table)
 
 
 def _launch(which: str, dtype: torch.dtype, s: torch.Tensor, table: mt.TensorTable) -> None:

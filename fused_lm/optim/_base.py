@@ -319,8 +319,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _prepare_clip(self, grads) -> None:
         """With ``max_grad_norm`` set: the global L2 norm of the step's gradients, on the device,
-        in a constant number of launches (fused_lm.optim.clip; DTensor gradients are reduced over
-        their mesh, plain ones over ``grad_norm_process_group`` when set), then the coefficient
+        in a constant number of launches (ops/multi_tensor_norm.py; DTensor gradients are reduced
+        over their mesh, plain ones over ``grad_norm_process_group`` when set), then the coefficient
         clamp(max_grad_norm / (norm + 1e-6), max=1) that ``_grad_multiplier_and_skip`` folds into
         the kernels' gradient multiplier (gradients are not rewritten) and the flag that skips
         the step when the norm is not finite. Under GradScaler the gradients are scaled: the norm
@@ -329,12 +329,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm is None:
             self._clip = None
             return
-        from fused_lm.ops.multi_tensor_norm import clip_coef, nonfinite_flag
-        from fused_lm.optim.clip import total_norm_coef_flag
+        from fused_lm.ops.multi_tensor_norm import clip_coef, multi_tensor_norm, nonfinite_flag
 
-        norm, coef, flag = total_norm_coef_flag(grads, 2.0, self.max_grad_norm,
-                                                process_group=self.grad_norm_process_group,
-                                                backend=self.backend)
+        norm, coef, flag = multi_tensor_norm(grads, 2.0, self.max_grad_norm,
+                                             process_group=self.grad_norm_process_group,
+                                             backend=self.backend)
         scale = getattr(self, "grad_scale", None)
         if scale is not None:
             norm = norm * torch.reciprocal(scale.to(device=norm.device, dtype=torch.float32,

@@ -37,17 +37,12 @@ KERNEL_PAIRS = {(p, s) for p in _KERNEL_DTYPES for s in (torch.float32, torch.bf
 LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters", "steps")
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), else the tensor itself: kernels run on shards."""
-    return getattr(t, "_local_tensor", t)
-
-
 def kview(t: torch.Tensor) -> torch.Tensor:
     """What the kernels update for ``t``: its local shard, seen as real when complex. torch's
     AdamW runs complex parameters, gradients and moments through ``view_as_real`` (real and
     imaginary parts are independent coordinates), so the same elementwise update on the real
     view is exactly torch's; it then shares buckets with real parameters of that dtype."""
-    t = getattr(t, "_local_tensor", t)
+    t = mt.local_shard(t)
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -208,7 +203,7 @@ def build_plan(items, states, spec, moments: tuple[str, ...], amsgrad_of, backen
         lp, lg = kview(p), kview(g)
         ms = [kview(state[k]) for k in moments]
         vmax = kview(state["max_exp_avg_sq"]) if amsgrad else None
-        master = local(state["master_param"]) if "master_param" in state else None
+        master = mt.local_shard(state["master_param"]) if "master_param" in state else None
         pdt, sdt = lp.dtype, ms[0].dtype
         backend = backend_of(p.device, pdt)
         if backend != "torch":
@@ -237,7 +232,7 @@ def build_plan(items, states, spec, moments: tuple[str, ...], amsgrad_of, backen
         b.groups.append(gi)
         b.pos.append(pos)
         b.params.append(p)
-        b.plain = b.plain and lp is p and type(p) in mt._PLAIN_TYPES and type(g) in mt._PLAIN_TYPES
+        b.plain = b.plain and lp is p and type(p) in mt.PLAIN_TYPES and type(g) in mt.PLAIN_TYPES
     flat = [p for grp in param_groups for p in grp["params"]]
     with_grad = [item[1] for item in items]
     return StepPlan(key, flat, with_grad, [p for p in flat if p.grad is None],

@@ -20,9 +20,13 @@ gradients), the scale is ops/multi_tensor_scale.py with the coefficient read on 
 launch per dtype), ``clip_grad_value_`` is ops/multi_tensor_clamp.py (one launch per dtype; torch
 runs two foreach passes). ``foreach`` is accepted for signature compatibility and ignored: the
 multi-tensor kernels always run; ``backend=`` (keyword-only) or ``FUSED_LM_BACKEND`` picks them.
-Host cost: plain gradients on one device are checked and their addresses, sizes and dtypes read
-in one C++ call (``ops/_multi_tensor.py`` ``tensor_info``), bucketed and turned into cached tables
-with numpy: ~1 ms for the norm of 10k tiny tensors on a CPU (15 ms of per-tensor Python before).
+The functions here are the torch signatures only: the gradients are described once as a
+``TensorBatch`` (ops/_multi_tensor.py) that the norm and the scale both read, and the norm,
+coefficient and flag, with the DTensor / ``process_group`` reduction, are the one function
+``ops.multi_tensor_norm.multi_tensor_norm``. Host cost: plain gradients on one device are checked
+and their addresses, sizes and dtypes read in one C++ call (``tensor_info``), bucketed and turned
+into cached tables with numpy: ~1 ms for the norm of 10k tiny tensors on a CPU (15 ms of
+per-tensor Python before).
 
 Differences from torch (documented "better"s):
 * The returned norm is float32 whatever the gradients' dtype, accumulated in float32 (torch
@@ -55,37 +59,20 @@ Distributed training:
 
 from __future__ import annotations
 
-import math
 import types
 import warnings
-from collections import OrderedDict
 from typing import Iterable
 
 import torch
 
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
-from fused_lm.ops.multi_tensor_norm import (clip_coef, multi_tensor_norm_and_coef,
-                                             multi_tensor_norm_coef_flag, nonfinite_flag,
-                                             norm_coef_flag_of)
-from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_, scale_of
+from fused_lm.ops.multi_tensor_norm import clip_coef, multi_tensor_norm
+from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 
-__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_",
-           "total_norm_and_coef", "total_norm_coef_flag"]
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _dtensor_type():
-    """torch.distributed.tensor.DTensor, or None where torch.distributed is unavailable."""
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        return None
-    return DTensor
 
 
 def _as_list(tensors: TensorOrTensors) -> list[torch.Tensor]:
@@ -97,103 +84,6 @@ def _as_list(tensors: TensorOrTensors) -> list[torch.Tensor]:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                       stacklevel=3)
     return out
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a kernel reads and writes: a DTensor's local shard (an alias of its storage)."""
-    dtensor = _dtensor_type()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
-
-
-def _allreduce_norm(norm: torch.Tensor, p: float, groups: list) -> torch.Tensor:
-    """Combines per-rank norms over ``groups`` into the norm of the union of the ranks' elements:
-    the sum of p-th powers (then the root) for finite p, the max (min) for inf (-inf). NaN on any
-    rank gives NaN everywhere (a flag travels with max/min, whose NaN handling is backend-defined)."""
-    import torch.distributed as dist
-
-    if math.isinf(p):
-        nan = torch.isnan(norm)
-        val = norm.masked_fill(nan, 0.0 if p > 0 else math.inf).reshape(1)
-        flag = nan.to(norm.dtype).reshape(1)
-        for g in groups:
-            if p > 0:  # one message: the max of [norm, flag]
-                buf = torch.cat([val, flag])
-                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=g)
-                val, flag = buf[0:1], buf[1:2]
-            else:
-                dist.all_reduce(val, op=dist.ReduceOp.MIN, group=g)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g)
-        return torch.where(flag[0] > 0, torch.full_like(val[0], math.nan), val[0])
-    power = (norm.double() if norm.dtype == torch.float64 else norm.float()).pow(p).reshape(1)
-    for g in groups:
-        dist.all_reduce(power, op=dist.ReduceOp.SUM, group=g)
-    return power.pow(1.0 / p).reshape(()).to(norm.dtype)
-
-
-def total_norm_and_coef(tensors: list[torch.Tensor], norm_type: float = 2.0, max_norm: float = 1.0,
-                        *, process_group=None, backend: str | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global norm, clip coefficient): ``total_norm_coef_flag`` without the flag."""
-    return total_norm_coef_flag(tensors, norm_type, max_norm, process_group=process_group,
-                                backend=backend)[:2]
-
-
-def total_norm_coef_flag(tensors: list[torch.Tensor], norm_type: float = 2.0, max_norm: float = 1.0,
-                         *, process_group=None, backend: str | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(global norm, clip coefficient, non-finite flag) of ``tensors`` (plain tensors or DTensors)
-    as float32 0-d tensors on the first tensor's (local) device, with no host synchronisation.
-    DTensor partials are reduced over the mesh dimensions they are sharded on; plain tensors'
-    partials over ``process_group`` when given (ZeRO-style sharding), else taken as global
-    (single process, DDP)."""
-    if process_group is None:
-        # One C++ pass: plain tensors (no DTensor) on one device, checked, with their addresses.
-        tensors = list(tensors)
-        info = mt.tensor_info(tensors)
-        if info is not None:
-            return norm_coef_flag_of(tensors, info, norm_type, max_norm, backend=backend)
-    dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
-        if process_group is None:
-            return multi_tensor_norm_coef_flag(tensors, norm_type, max_norm, backend=backend)
-    p = float(norm_type)
-    if p == 0.0:
-        raise NotImplementedError("norm_type=0 (torch's count of non-zero gradients) is not defined "
-                                  "across shards; use a norm type p != 0")
-    # (mesh, sharded mesh dims) -> local shards; plain tensors under the key None.
-    groups: OrderedDict = OrderedDict()
-    meshes = {}
-    for t in tensors:
-        if dtensor is not None and isinstance(t, dtensor):
-            if any(pl.is_partial() for pl in t.placements):
-                from torch.distributed.tensor import Replicate
-
-                t = t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl
-                                                   for pl in t.placements])
-            dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
-            key = (id(t.device_mesh), dims)
-            meshes[key] = t.device_mesh
-            groups.setdefault(key, []).append(t.to_local())
-        else:
-            groups.setdefault(None, []).append(t)
-    first = next(iter(groups.values()))[0].device
-    parts = []
-    for key, local in groups.items():
-        norm, _ = multi_tensor_norm_and_coef(local, p, max_norm, backend=backend)
-        norm = norm.to(local[0].device) if norm.device != local[0].device else norm
-        if key is None:
-            pgs = [process_group] if process_group is not None else []
-        else:
-            pgs = [meshes[key].get_group(d) for d in key[1]]
-        if pgs:
-            norm = _allreduce_norm(norm, p, pgs)
-        parts.append(norm.to(first))
-    if len(parts) == 1:
-        norm = parts[0]
-    else:
-        dtype = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-        norm = torch.linalg.vector_norm(torch.stack([x.to(dtype) for x in parts]), p)
-    return norm, clip_coef(norm, max_norm), nonfinite_flag(norm)
 
 
 def _raise_if_nonfinite(norm: torch.Tensor, norm_type: float) -> None:
@@ -212,26 +102,11 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0, error_if_no
     (float32 0-d tensor on the first tensor's device; see the module docstring)."""
     del foreach  # accepted for compatibility: the multi-tensor kernels always run
     tensors = _as_list(tensors)
-    norm, _ = total_norm_and_coef(tensors, norm_type, 1.0, process_group=process_group, backend=backend)
+    norm = multi_tensor_norm(tensors, norm_type, 1.0, process_group=process_group,
+                             backend=backend).norm
     if error_if_nonfinite:
         _raise_if_nonfinite(norm, norm_type)
     return norm
-
-
-def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor, backend: str | None,
-                 info=None) -> None:
-    """Scales ``grads`` (local tensors) by ``coef``; ``info``: their ``mt.tensor_info`` if known."""
-    if info is None:
-        info = mt.tensor_info(grads)
-    if info is not None:   # one device
-        device = grads[0].device
-        scale_of(grads, info, coef if coef.device == device else coef.to(device), backend=backend)
-        return
-    by_device: OrderedDict = OrderedDict()
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    for device, group in by_device.items():
-        multi_tensor_scale_(group, coef if coef.device == device else coef.to(device), backend=backend)
 
 
 @torch.no_grad()
@@ -240,16 +115,12 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
     """Scales every gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` in place, like
     ``torch.nn.utils.clip_grads_with_norm_`` (one launch per device and dtype, no host sync)."""
     del foreach
-    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    info = mt.tensor_info(grads)   # None for DTensors (and on failed checks): the general path
-    if info is None:
-        grads = [_local(g) for g in grads]
-    if not grads:
+    grads = mt.TensorBatch([p.grad for p in _as_list(parameters) if p.grad is not None])
+    if not len(grads):
         return
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(total_norm, dtensor):
+    if mt.local_shard(total_norm) is not total_norm:   # a DTensor norm: its global value
         total_norm = total_norm.full_tensor()
-    _scale_grads(grads, clip_coef(total_norm, max_norm), backend, info)
+    multi_tensor_scale_(grads, clip_coef(total_norm, max_norm), backend=backend)
 
 
 @torch.no_grad()
@@ -260,21 +131,14 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
     the norm before clipping, like ``torch.nn.utils.clip_grad_norm_`` (module docstring for the
     differences: float32 norm, DTensor and ``process_group`` reduction)."""
     del foreach
-    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    max_norm = float(max_norm)
-    info = mt.tensor_info(grads) if process_group is None else None
-    if info is not None:   # plain tensors on one device, checked: one pass over their addresses
-        norm, coef, _ = norm_coef_flag_of(grads, info, norm_type, max_norm, backend=backend)
-    else:
-        norm, coef = total_norm_and_coef(grads, norm_type, max_norm, process_group=process_group,
-                                         backend=backend)
+    # Described once (one C++ pass for plain gradients on one device), read by the norm and the scale.
+    grads = mt.TensorBatch([p.grad for p in _as_list(parameters) if p.grad is not None])
+    norm, coef, _ = multi_tensor_norm(grads, norm_type, max_norm, process_group=process_group,
+                                      backend=backend)
     if error_if_nonfinite:
         _raise_if_nonfinite(norm, norm_type)
-    if grads:
-        if info is None:
-            _scale_grads([_local(g) for g in grads], coef, backend)
-        else:
-            _scale_grads(grads, coef, backend, info)
+    if len(grads):
+        multi_tensor_scale_(grads, coef, backend=backend)
     return norm
 
 
@@ -286,6 +150,4 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float, foreach: bo
     del foreach
     clip_value = float(clip_value)
     grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    if _dtensor_type() is not None and any(type(g) not in _PLAIN_TYPES for g in grads):
-        grads = [_local(g) for g in grads]
     multi_tensor_clamp_(grads, -clip_value, clip_value, backend=backend)

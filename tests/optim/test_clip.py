@@ -20,8 +20,7 @@ import torch
 
 import fused_lm
 from fused_lm.ops import _multi_tensor as mt
-from fused_lm.ops.multi_tensor_norm import (multi_tensor_norm, multi_tensor_norm_and_coef,
-                                             multi_tensor_norm_coef_flag)
+from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
 from fused_lm.reference import clip as ref
 from tests._helpers import (HAS_CUDA, assert_close, backend_devices, poison_allocations, randn,
                             requires_cuda)
@@ -76,7 +75,7 @@ def _norm_tol(p):
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_norm_matches_reference_and_torch(backend, device, p):
     xs = _tensors(device)
-    norm, coef = multi_tensor_norm_and_coef(xs, p, 0.5, backend=backend)
+    norm, coef, _ = multi_tensor_norm(xs, p, 0.5, backend=backend)
     assert norm.dtype == torch.float32 and norm.shape == () and norm.device.type == device
     expected = ref.total_norm(xs, p)
     assert_close(norm, expected, torch.float32, scale=_norm_tol(p), what=f"p={p}")
@@ -93,12 +92,12 @@ def test_every_chunk_reduced(backend, device):
     sizes = (1, 1023, mt.CHUNK - 1, mt.CHUNK + 1, 3 * mt.CHUNK - 7)
     xs = [torch.ones(n, device=device) * (-1) ** n for n in sizes]
     with poison_allocations():
-        norm = multi_tensor_norm(xs, 1.0, backend=backend)
+        norm = multi_tensor_norm(xs, 1.0, backend=backend).norm
     assert norm.item() == sum(sizes)
     # A single large element in the last chunk's tail must be the max.
     xs[-1][-1] = 7.0
-    assert multi_tensor_norm(xs, math.inf, backend=backend).item() == 7.0
-    assert multi_tensor_norm(xs, -math.inf, backend=backend).item() == 1.0
+    assert multi_tensor_norm(xs, math.inf, backend=backend).norm.item() == 7.0
+    assert multi_tensor_norm(xs, -math.inf, backend=backend).norm.item() == 1.0
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -108,39 +107,39 @@ def test_nonfinite_values(backend, device, p):
     for p > 0 (inf for -inf only if every element is inf)."""
     xs = _tensors(device, [((40,), torch.float32), ((mt.CHUNK + 5,), torch.bfloat16)])
     xs[1][mt.CHUNK + 2] = float("inf")
-    got = multi_tensor_norm(xs, p, backend=backend)
+    got = multi_tensor_norm(xs, p, backend=backend).norm
     want = torch.nn.utils.get_total_norm([x.float() for x in xs], p)
     assert (got.isinf() == want.isinf()).item() and (got.isnan() == want.isnan()).item()
     if p > 0:
         assert got.item() == math.inf
-        assert multi_tensor_norm_coef_flag(xs, p, backend=backend)[2].item() == 1.0
+        assert multi_tensor_norm(xs, p, backend=backend).flag.item() == 1.0
     xs[0][3] = float("nan")
-    norm, coef, flag = multi_tensor_norm_coef_flag(xs, p, backend=backend)
+    norm, coef, flag = multi_tensor_norm(xs, p, backend=backend)
     assert norm.isnan().item() and coef.isnan().item(), f"NaN lost for p={p}"
     assert flag.item() == 1.0
     xs[0][3] = 0.5
     xs[1][mt.CHUNK + 2] = 0.5
-    assert multi_tensor_norm_coef_flag(xs, p, backend=backend)[2].item() == 0.0
+    assert multi_tensor_norm(xs, p, backend=backend).flag.item() == 0.0
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_norm_edge_lists(backend, device):
     # No tensor at all: torch's tensor(0.) on the CPU.
-    empty = multi_tensor_norm([], backend=backend)
+    empty = multi_tensor_norm([], backend=backend).norm
     assert empty.item() == 0.0 and empty.device.type == "cpu" and empty.dtype == torch.float32
     # Only empty tensors: the empty sum / max (torch raises for inf on empty tensors).
     zs = [torch.zeros(0, device=device), torch.zeros(3, 0, device=device)]
     for p in (2.0, 1.0, math.inf):
-        assert multi_tensor_norm(zs, p, backend=backend).item() == 0.0
+        assert multi_tensor_norm(zs, p, backend=backend).norm.item() == 0.0
     # A single 0-d tensor and a non-contiguous one (read through a contiguous copy).
     x = randn(5, 7, device=device).t()
-    assert_close(multi_tensor_norm([x, torch.tensor(-3.0, device=device)], backend=backend),
+    assert_close(multi_tensor_norm([x, torch.tensor(-3.0, device=device)], backend=backend).norm,
                  ref.total_norm([x, torch.tensor(-3.0)]), torch.float32)
 
 
 def test_float64_and_bad_input():
     xs = [randn(10, dtype=torch.float64), randn(7)]
-    norm = multi_tensor_norm(xs)
+    norm = multi_tensor_norm(xs).norm
     assert norm.dtype == torch.float64
     assert_close(norm, ref.total_norm(xs), torch.float32)
     with pytest.raises(TypeError, match="real floating dtype"):
@@ -158,7 +157,7 @@ def test_multi_device_norm():
     """Tensors on the CPU and a GPU: per-device norms combined on the first tensor's device."""
     xs = [randn(100), randn(300, device="cuda", dtype=torch.bfloat16), randn(5)]
     for p in (2.0, math.inf, 1.0):
-        norm = multi_tensor_norm(xs, p)
+        norm = multi_tensor_norm(xs, p).norm
         assert norm.device.type == "cpu"
         assert_close(norm, ref.total_norm(xs, p), torch.float32)
 
