@@ -218,6 +218,13 @@ def test_trainer_gradient_accumulation_equals_full_batch(tmp_path):
     full = run(tmp_path / "full", per_device_train_batch_size=4)
     accumulated = run(tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2)
     for (name, p), q in zip(full.model.named_parameters(), accumulated.model.parameters()):
+        if name.endswith("k_proj.bias"):
+            # Its gradient is 0 in exact arithmetic (q.b_k is the same for every key of a query,
+            # and softmax is shift-invariant): what it holds is rounding noise, which AdamW
+            # normalises into lr-sized steps whose sign depends on the summation order. Bounded by
+            # what 3 steps of at most lr = 3e-3 each can move two runs apart instead.
+            assert (q - p).abs().max() <= 2 * 3 * 3e-3, name
+            continue
         assert rel_error(q, p) < 1e-4, name
     assert rel_error(torch.tensor(_logged(accumulated, "grad_norm")),
                      torch.tensor(_logged(full, "grad_norm"))) < 1e-5
