@@ -110,3 +110,10 @@ def test_spec_validation():
         spec.index("max_exp_avg_sqs", amsgrad=False, master=False)
     assert spec.offsets(amsgrad=False, master=True) == {
         "LISTS": 5, "MAX_EXP_AVG_SQS_ROW": -1, "MASTERS_ROW": 4}
+
+
+def test_launch_offsets_reject_a_table_of_another_variant():
+    spec = _backend.OPS["adamw"]
+    assert spec.launch_offsets(6, amsgrad=True, master=True)["MASTERS_ROW"] == 5
+    with pytest.raises(ValueError, match="the table has 5 lists"):
+        spec.launch_offsets(5, amsgrad=True, master=True)

@@ -28,6 +28,11 @@ from pathlib import Path
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Why the multi-tensor families default to CUDA C++ on a GPU, until a GPU run measures it.
+MULTI_TENSOR_GPU_DEFAULT_WHY = (
+    "not yet measured on a GPU: the CUDA C++ kernel issues 16-byte vector accesses with several "
+    "loads in flight per thread, which one Triton program per chunk does not express; revisit "
+    "with bench/results of make gpu-check")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,15 @@ class FamilySpec:
             if lst.flag:
                 out[f"{lst.name.upper()}_ROW"] = layout.index(lst.name) if lst.name in layout else -1
         return out
+
+    def launch_offsets(self, table_lists: int, **flags: bool) -> dict[str, int]:
+        """``offsets`` of a variant, after checking that a table built for it has that many lists
+        (the Triton kernels index rows by these constexprs and cannot check)."""
+        offsets = self.offsets(**flags)
+        if table_lists != offsets["LISTS"]:
+            raise ValueError(f"{self.name}: the table has {table_lists} lists; {flags} needs "
+                             f"{offsets['LISTS']} ({self.layout(**flags)})")
+        return offsets
 
     def variants(self) -> list[dict[str, bool]]:
         """Every combination of the flags."""

@@ -32,13 +32,11 @@ import torch
 from fused_lm import _ext
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops import _optim_common as oc
-from fused_lm.ops._spec import FamilySpec, TensorList
+from fused_lm.ops._spec import MULTI_TENSOR_GPU_DEFAULT_WHY, FamilySpec, TensorList
 
 SPEC = FamilySpec(
     name="adamw", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
-    gpu_default_why=("not yet measured on a GPU: the CUDA C++ kernel issues 16-byte vector "
-                     "accesses with several loads in flight per thread, which one Triton program "
-                     "per chunk does not express; revisit with bench/results of make gpu-check"),
+    gpu_default_why=MULTI_TENSOR_GPU_DEFAULT_WHY,
     reference="fused_lm.reference.optim:adamw_step",
     lists=(TensorList("params", "param"), TensorList("grads", "param"),
            TensorList("exp_avgs", "state"), TensorList("exp_avg_sqs", "state"),
@@ -149,10 +147,7 @@ def adamw_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tens
     if table.n_chunks == 0:
         return
     sr = bool(sr and param_dtype == torch.bfloat16)
-    offsets = SPEC.offsets(amsgrad=amsgrad, master=master)
-    if table.lists != offsets["LISTS"]:
-        raise ValueError(f"adamw: the table has {table.lists} lists; amsgrad={amsgrad}, "
-                         f"master={master} needs {offsets['LISTS']} (SPEC.layout)")
+    offsets = SPEC.launch_offsets(table.lists, amsgrad=amsgrad, master=master)
     _adamw_kernel[mt.launch_grid(table)](
         table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
         P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), AMSGRAD=amsgrad,

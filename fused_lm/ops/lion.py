@@ -108,10 +108,7 @@ def lion_triton(table: mt.TensorTable, step_table: torch.Tensor, hp: torch.Tenso
     if table.n_chunks == 0:
         return
     sr = bool(sr and param_dtype == torch.bfloat16)
-    offsets = SPEC.offsets(master=master)
-    if table.lists != offsets["LISTS"]:
-        raise ValueError(f"lion: the table has {table.lists} lists; master={master} needs "
-                         f"{offsets['LISTS']} (SPEC.layout)")
+    offsets = SPEC.launch_offsets(table.lists, master=master)
     _lion_kernel[mt.launch_grid(table)](
         table.table, table.chunks, step_table, hp, grad_mult, skip, seed,
         P_DTYPE=mt.tl_dtype(param_dtype), S_DTYPE=mt.tl_dtype(state_dtype), MASTER=master, SR=sr,

@@ -21,13 +21,11 @@ import torch
 
 from fused_lm import _backend, _ext
 from fused_lm.ops import _multi_tensor as mt
-from fused_lm.ops._spec import FamilySpec, TensorList
+from fused_lm.ops._spec import MULTI_TENSOR_GPU_DEFAULT_WHY, FamilySpec, TensorList
 
 SPEC = FamilySpec(
     name="multi_tensor_scale", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
-    gpu_default_why=("not yet measured on a GPU: the CUDA C++ kernel issues 16-byte vector "
-                     "accesses with several loads in flight per thread, which one Triton program "
-                     "per chunk does not express; revisit with bench/results of make gpu-check"),
+    gpu_default_why=MULTI_TENSOR_GPU_DEFAULT_WHY,
     reference="fused_lm.reference.multi_tensor:multi_tensor_scale",
     lists=(TensorList("x", "param"),))
 
