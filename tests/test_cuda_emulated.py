@@ -50,7 +50,7 @@ from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
 from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 from fused_lm.optim import AdamW, Lion
-from fused_lm.reference.clip import total_norm
+from fused_lm.reference.multi_tensor_norm import total_norm
 from tests._helpers import SEED, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ from fused_lm.ops import _optim_common as oc
 from fused_lm.ops import adamw as adamw_ops
 from fused_lm.ops import lion as lion_ops
 from fused_lm.ops import multi_tensor_clamp, multi_tensor_norm, multi_tensor_scale
-from fused_lm.reference.multi_tensor import multi_tensor_scale as scale_reference
+from fused_lm.reference.multi_tensor_scale import multi_tensor_scale as scale_reference
 from tests._helpers import HAS_CUDA, assert_close, backend_devices, randn
 from tests.optim._common import make_params, random_grads, set_grads, three_groups
 

@@ -14,8 +14,9 @@ from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
 from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
-from fused_lm.reference import clip as ref
-from fused_lm.reference.multi_tensor import multi_tensor_scale as ref_scale
+from fused_lm.reference.multi_tensor_clamp import clip_grad_value as ref_clamp
+from fused_lm.reference.multi_tensor_norm import total_norm as ref_norm
+from fused_lm.reference.multi_tensor_scale import multi_tensor_scale as ref_scale
 from tests._helpers import assert_close, backend_devices, randn
 
 # |x|^p = 2^(p log2|x|) under the interpreter: numpy warns on log2(0) (the result is the intended one).
@@ -75,13 +76,13 @@ def test_mixed_dtypes_and_layouts(backend, device, path):
     # float64 only where the backend is picked per dtype (an explicit kernel backend rejects it)
     xs = _mixed(device, torch.float64 if backend in (None, "torch") else torch.float32)
     for p in (2.0, 1.0, math.inf, 3.0):
-        assert_close(multi_tensor_norm(xs, p, backend=backend).norm, ref.total_norm(xs, p), torch.float32,
+        assert_close(multi_tensor_norm(xs, p, backend=backend).norm, ref_norm(xs, p), torch.float32,
                      scale=1.0 if p != 3.0 else 20.0, what=f"p={p}")
     want = ref_scale(xs, 0.75)
     multi_tensor_scale_(xs, torch.tensor(0.75, device=device), backend=backend)
     for x, w in zip(xs, want):
         assert_close(x, w, x.dtype)
-    want = ref.clip_grad_value(xs, 0.3)
+    want = ref_clamp(xs, 0.3)
     multi_tensor_clamp_(xs, -0.3, 0.3, backend=backend)
     for x, w in zip(xs, want):
         assert torch.equal(x.cpu().double(), w.to(x.dtype).double())
@@ -96,7 +97,7 @@ def test_reallocated_tensors_picked_up(backend, device, path):
     multi_tensor_scale_(xs, 1.0, backend=backend)
     old = [x.clone() for x in xs]
     ys = [randn(5, device=device) * 3, randn(mt.CHUNK + 1, dtype=torch.bfloat16, device=device)]
-    assert_close(multi_tensor_norm(ys, backend=backend).norm, ref.total_norm(ys), torch.float32)
+    assert_close(multi_tensor_norm(ys, backend=backend).norm, ref_norm(ys), torch.float32)
     want = ref_scale(ys, 0.5)
     multi_tensor_scale_(ys, 0.5, backend=backend)
     for y, w in zip(ys, want):

@@ -6,7 +6,7 @@ import torch
 from fused_lm import _backend
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
-from fused_lm.reference.multi_tensor import multi_tensor_scale as reference
+from fused_lm.reference.multi_tensor_scale import multi_tensor_scale as reference
 from tests._helpers import assert_close, backend_devices, randn
 
 # Sizes around the Triton BLOCK (1024) and the CHUNK (16384), plus 0-d, empty and single-element.

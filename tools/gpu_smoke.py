@@ -116,8 +116,9 @@ def multi_tensor_cases(device, sizes) -> list[Case]:
     from fused_lm.ops.multi_tensor_clamp import multi_tensor_clamp_
     from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
     from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
-    from fused_lm.reference import clip as rclip
-    from fused_lm.reference import multi_tensor as rmt
+    from fused_lm.reference import multi_tensor_clamp as rclamp
+    from fused_lm.reference import multi_tensor_norm as rnorm
+    from fused_lm.reference import multi_tensor_scale as rscale
 
     cases = []
     for size in sizes:
@@ -125,7 +126,7 @@ def multi_tensor_cases(device, sizes) -> list[Case]:
             for b in _backends("multi_tensor_scale", device):
                 def scale(size=size, dt=dt, b=b):
                     xs = _tensors(size, dt, device)
-                    expected = rmt.multi_tensor_scale(xs, 0.37)
+                    expected = rscale.multi_tensor_scale(xs, 0.37)
                     multi_tensor_scale_(xs, 0.37, backend=b)
                     return _rel(_flat(xs), _flat(expected)), smoke_bound(dt)
                 cases.append(Case(f"multi_tensor/scale/{dt}/{b}/{size}", "multi_tensor", scale))
@@ -133,12 +134,12 @@ def multi_tensor_cases(device, sizes) -> list[Case]:
                 def norm(size=size, dt=dt, b=b):
                     xs = _tensors(size, dt, device)
                     got = multi_tensor_norm(xs, 2.0, backend=b).norm
-                    return _rel(got.double().cpu(), rclip.total_norm(xs, 2.0)), smoke_bound(dt)
+                    return _rel(got.double().cpu(), rnorm.total_norm(xs, 2.0)), smoke_bound(dt)
                 cases.append(Case(f"multi_tensor/norm/{dt}/{b}/{size}", "multi_tensor", norm))
             for b in _backends("multi_tensor_clamp", device):
                 def clamp(size=size, dt=dt, b=b):
                     xs = _tensors(size, dt, device, scale=2.0)
-                    expected = rclip.clip_grad_value(xs, 1.5)
+                    expected = rclamp.clip_grad_value(xs, 1.5)
                     multi_tensor_clamp_(xs, -1.5, 1.5, backend=b)
                     return _rel(_flat(xs), _flat(expected)), smoke_bound(dt)
                 cases.append(Case(f"multi_tensor/clamp/{dt}/{b}/{size}", "multi_tensor", clamp))
@@ -176,7 +177,8 @@ def _optim_case(cls, opts, size, dt, backend, device):
     in the parameters) against reference.adamw_step / lion_step on clones, including the state."""
     torch = _torch()
     import fused_lm.optim as fo
-    from fused_lm.reference import optim as ref
+    from fused_lm.reference import adamw as radamw
+    from fused_lm.reference import lion as rlion
 
     kw = dict(opts)
     if "state_dtype" in kw:
@@ -201,12 +203,12 @@ def _optim_case(cls, opts, size, dt, backend, device):
             rs = ref_state[i]
             group = opt.param_groups[0]
             if cls == "AdamW":
-                ref.adamw_step(p, g, rs["exp_avg"], rs["exp_avg_sq"], step, lr=lr,
+                radamw.adamw_step(p, g, rs["exp_avg"], rs["exp_avg_sq"], step, lr=lr,
                                beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                                weight_decay=wd, amsgrad=bool(kw.get("amsgrad")),
                                max_exp_avg_sq=rs.get("max_exp_avg_sq"), master=rs.get("master"))
             else:
-                ref.lion_step(p, g, rs["exp_avg"], lr=lr, beta1=group["betas"][0],
+                rlion.lion_step(p, g, rs["exp_avg"], lr=lr, beta1=group["betas"][0],
                               beta2=group["betas"][1], weight_decay=wd, master=rs.get("master"))
     err = _rel(_flat(params), _flat(ref_p))
     err = max(err, _rel(_flat([opt.state[p]["exp_avg"] for p in params]),
@@ -217,7 +219,7 @@ def _optim_case(cls, opts, size, dt, backend, device):
 
 def clip_cases(device, sizes) -> list[Case]:
     import fused_lm
-    from fused_lm.reference import clip as rclip
+    from fused_lm.reference import multi_tensor_norm as rnorm
 
     cases = []
     for size in sizes:
@@ -228,7 +230,7 @@ def clip_cases(device, sizes) -> list[Case]:
                     params = [torch.nn.Parameter(x) for x in _tensors(size, dt, device)]
                     for p in params:
                         p.grad = torch.randn_like(p, dtype=torch.float32).to(p.dtype)
-                    expected, norm_ref = rclip.clip_grad_norm([p.grad for p in params], 1.0)
+                    expected, norm_ref = rnorm.clip_grad_norm([p.grad for p in params], 1.0)
                     norm = fused_lm.clip_grad_norm_(params, 1.0, backend=b)
                     err = _rel(norm.double().cpu(), norm_ref)
                     return max(err, _rel(_flat([p.grad for p in params]), _flat(expected))), smoke_bound(dt)
@@ -278,7 +280,7 @@ def _lce_case(size, dt, backend, device):
     """Linear layer + cross-entropy, forward and the input/weight gradients."""
     torch = _torch()
     from fused_lm.ops.linear_cross_entropy import linear_cross_entropy
-    from fused_lm.reference import cross_entropy as rce
+    from fused_lm.reference import linear_cross_entropy as rlce
 
     n, h, v = (33, 40, 517) if size == "small" else (2048, 768, 50257)
     x = torch.randn(n, h, device=device).to(_dt(dt)).requires_grad_()
@@ -287,7 +289,7 @@ def _lce_case(size, dt, backend, device):
     loss = linear_cross_entropy(x, w, t, backend=backend)
     loss.backward()
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    lr_ = rce.linear_cross_entropy(xr, wr, t)
+    lr_ = rlce.linear_cross_entropy(xr, wr, t)
     lr_.backward()
     err = max(_rel(loss.detach().double().cpu(), lr_.detach().cpu()), _rel(x.grad, xr.grad),
               _rel(w.grad, wr.grad))

@@ -1,6 +1,6 @@
 """Multi-tensor AdamW: one launch updates every tensor of a bucket (same device and dtypes).
 
-Math (torch.optim.AdamW, reference in fused_lm/reference/optim.py), float32 per element with
+Math (torch.optim.AdamW, reference in fused_lm/reference/adamw.py), float32 per element with
 exactly these roundings on every backend (fma: one rounding; /, sqrt: IEEE-rounded; the per-chunk
 scalars in float64, rounded once to float32: ops/_optim_common.py):
 
@@ -37,7 +37,7 @@ from fused_lm.ops._spec import MULTI_TENSOR_GPU_DEFAULT_WHY, FamilySpec, TensorL
 SPEC = FamilySpec(
     name="adamw", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
     gpu_default_why=MULTI_TENSOR_GPU_DEFAULT_WHY,
-    reference="fused_lm.reference.optim:adamw_step",
+    reference="fused_lm.reference.adamw:adamw_step",
     lists=(TensorList("params", "param"), TensorList("grads", "param"),
            TensorList("exp_avgs", "state"), TensorList("exp_avg_sqs", "state"),
            TensorList("max_exp_avg_sqs", "state", "amsgrad"),

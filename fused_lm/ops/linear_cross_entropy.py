@@ -45,7 +45,7 @@ from fused_lm.ops._spec import FamilySpec
 SPEC = FamilySpec(
     name="linear_cross_entropy", backends=("triton", "torch"), gpu_default="triton",
     gpu_default_why="the only kernel backend (no C++ kernel); not yet measured on a GPU",
-    reference="fused_lm.reference.cross_entropy:linear_cross_entropy")
+    reference="fused_lm.reference.linear_cross_entropy:linear_cross_entropy")
 from fused_lm.ops import cross_entropy as _ce
 
 _DEFAULT_BUDGET_MB = 256

@@ -1,7 +1,7 @@
 """Multi-tensor Lion: one launch updates every tensor of a bucket (same device and dtypes).
 
 Math (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; reference in
-fused_lm/reference/optim.py), float32 with exactly these roundings on every backend (fma: one
+fused_lm/reference/lion.py), float32 with exactly these roundings on every backend (fma: one
 rounding; 1 - lr * wd computed in float64 and rounded once, see ops/_optim_common.py):
 
     g = grad * grad_mult * grad_sign
@@ -28,7 +28,7 @@ from fused_lm.ops._spec import FamilySpec, TensorList
 SPEC = FamilySpec(
     name="lion", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
     gpu_default_why="not yet measured on a GPU: as AdamW (fused_lm/ops/adamw.py SPEC)",
-    reference="fused_lm.reference.optim:lion_step",
+    reference="fused_lm.reference.lion:lion_step",
     lists=(TensorList("params", "param"), TensorList("grads", "param"),
            TensorList("exp_avgs", "state"), TensorList("masters", "float32", "master")),
     flags=("master",))

@@ -55,7 +55,7 @@ from fused_lm.ops._spec import MULTI_TENSOR_GPU_DEFAULT_WHY, FamilySpec, TensorL
 SPEC = FamilySpec(
     name="multi_tensor_norm", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
     gpu_default_why=MULTI_TENSOR_GPU_DEFAULT_WHY,
-    reference="fused_lm.reference.clip:total_norm",
+    reference="fused_lm.reference.multi_tensor_norm:total_norm",
     lists=(TensorList("x", "param"),))
 
 try:

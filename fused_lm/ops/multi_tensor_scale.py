@@ -26,7 +26,7 @@ from fused_lm.ops._spec import MULTI_TENSOR_GPU_DEFAULT_WHY, FamilySpec, TensorL
 SPEC = FamilySpec(
     name="multi_tensor_scale", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
     gpu_default_why=MULTI_TENSOR_GPU_DEFAULT_WHY,
-    reference="fused_lm.reference.multi_tensor:multi_tensor_scale",
+    reference="fused_lm.reference.multi_tensor_scale:multi_tensor_scale",
     lists=(TensorList("x", "param"),))
 
 try:

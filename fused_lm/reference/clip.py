@@ -1,59 +1,8 @@
-"""Reference for gradient clipping: the global norm and the clipped gradients, in float64.
+"""The references of fused_lm/clip.py (clip_grad_norm_, clip_grad_value_), kept under this name
+for code that imports them from here: they live with their families, in multi_tensor_norm.py
+(total_norm, clip_coefficient, clip_grad_norm) and multi_tensor_clamp.py (clip_grad_value)."""
 
-Written from the definitions, not from torch.nn.utils, so tests compare both fused_lm and torch
-against the same math:
+from .multi_tensor_clamp import clip_grad_value
+from .multi_tensor_norm import clip_coefficient, clip_grad_norm, total_norm
 
-    ||g||_p   = (sum_i sum_j |g_ij|^p)^(1/p)   (inf: max |g_ij|, -inf: min |g_ij|)
-    coef      = min(max_norm / (||g||_p + 1e-6), 1)
-    g_clipped = g * coef
-    norm_type = 0 (not a norm): torch composes per-tensor norms, vector_norm(stack(counts), 0),
-                i.e. the number of tensors with a non-zero element; the twin does the same.
-"""
-
-from __future__ import annotations
-
-import math
-from typing import Sequence
-
-import torch
-
-
-def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
-               dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The p-norm of every element of ``tensors`` viewed as one vector (0-d, ``dtype``, CPU).
-    No elements at all: 0 for p > 0 and inf, inf for p < 0 and -inf (the empty sum/min)."""
-    p = float(norm_type)
-    flat = [t.detach().reshape(-1).to("cpu", dtype) for t in tensors]
-    if p == 0.0:
-        return torch.tensor(float(sum(bool((f != 0).any()) for f in flat)), dtype=dtype)
-    x = torch.cat(flat) if flat else torch.zeros(0, dtype=dtype)
-    if x.numel() == 0:
-        return torch.tensor(0.0 if p > 0 else math.inf, dtype=dtype)
-    a = x.abs()
-    if p in (math.inf, -math.inf):
-        if a.isnan().any():  # max/min propagate NaN
-            return torch.tensor(math.nan, dtype=dtype)
-        return a.max() if p > 0 else a.min()
-    return a.pow(p).sum().pow(1.0 / p)
-
-
-def clip_coefficient(norm: torch.Tensor | float, max_norm: float) -> torch.Tensor:
-    """min(max_norm / (norm + 1e-6), 1), NaN kept."""
-    norm = torch.as_tensor(norm, dtype=torch.float64)
-    coef = max_norm / (norm + 1e-6)
-    return torch.where(coef > 1, torch.ones_like(coef), coef)
-
-
-def clip_grad_norm(grads: Sequence[torch.Tensor], max_norm: float, norm_type: float = 2.0,
-                   dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(clipped copies of ``grads`` in ``dtype``, total norm before clipping)."""
-    norm = total_norm(grads, norm_type, dtype)
-    coef = clip_coefficient(norm, max_norm).to(dtype)
-    return [g.detach().to("cpu", dtype) * coef for g in grads], norm
-
-
-def clip_grad_value(grads: Sequence[torch.Tensor], clip_value: float,
-                    dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
-    """Copies of ``grads`` clamped to [-clip_value, clip_value] (clamp_min then clamp_max)."""
-    c = float(clip_value)
-    return [g.detach().to("cpu", dtype).clamp_min(-c).clamp_max(c) for g in grads]
+__all__ = ["clip_coefficient", "clip_grad_norm", "clip_grad_value", "total_norm"]

@@ -1,6 +1,7 @@
-"""Reference cross-entropy and linear cross-entropy, written for clarity (float64 by default).
+"""Reference cross-entropy, written for clarity (float64 by default); its linear twin (the
+projection first, logits materialised) is in linear_cross_entropy.py.
 
-Both are differentiated by autograd, so the tests take the reference gradients from here too.
+Differentiated by autograd, so the tests take the reference gradients from here too.
 
 Per token i with logits z_i (V,), target t_i, class weights w (ones when absent), smoothing eps:
 
@@ -59,16 +60,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     raise ValueError(f"reduction={reduction!r}: expected 'none', 'sum' or 'mean'")
 
 
-def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
-                         linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                         reduction: str = "mean", ignore_index: int = -100,
-                         label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: float | None = None,
-                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` with the full logits
-    materialised, in ``dtype``. input (..., H), linear_weight (V, H), linear_bias (V,)."""
-    logits = input.to(dtype) @ linear_weight.to(dtype).T
-    if linear_bias is not None:
-        logits = logits + linear_bias.to(dtype)
-    return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                         z_loss=z_loss, softcap=softcap, dtype=dtype)
+def __getattr__(name):
+    # ``linear_cross_entropy`` lives in linear_cross_entropy.py (its family's module); still
+    # importable from here, for code written before it moved.
+    if name == "linear_cross_entropy":
+        from .linear_cross_entropy import linear_cross_entropy
+        return linear_cross_entropy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

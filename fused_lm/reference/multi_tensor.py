@@ -1,14 +1,6 @@
-"""Reference for the multi-tensor elementwise ops."""
+"""Kept for code that imports ``multi_tensor_scale`` from here: the reference lives in
+multi_tensor_scale.py, the module named after its family."""
 
-from __future__ import annotations
+from .multi_tensor_scale import multi_tensor_scale
 
-from typing import Sequence
-
-import torch
-
-
-def multi_tensor_scale(tensors: Sequence[torch.Tensor], scale: float | torch.Tensor,
-                       dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
-    """Returns ``[x * scale for x in tensors]`` computed in ``dtype`` (out of place)."""
-    s = scale.to(dtype) if isinstance(scale, torch.Tensor) else scale
-    return [t.to(dtype) * s for t in tensors]
+__all__ = ["multi_tensor_scale"]

@@ -18,7 +18,7 @@ from fused_lm import _backend
 from fused_lm.nn import functional as FF
 from fused_lm.ops import linear_cross_entropy as _lce
 from fused_lm.ops.linear_cross_entropy import chunk_rows, linear_cross_entropy
-from fused_lm.reference import cross_entropy as ref
+from fused_lm.reference import linear_cross_entropy as ref
 from tests._helpers import assert_close, backend_devices, randn, requires_cuda
 
 BACKENDS = backend_devices(("triton", "torch"))

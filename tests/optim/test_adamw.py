@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_lm.optim as fo
-from fused_lm.reference import optim as ref
+from fused_lm.reference import adamw as ref
 from tests._helpers import assert_close, backend_devices, requires_cuda
 from tests.optim._common import (clone_params, make_params, random_grads, set_grads,
                                  shapes_for, steps_for, three_groups)

@@ -21,7 +21,7 @@ import torch
 import fused_lm
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
-from fused_lm.reference import clip as ref
+from fused_lm.reference import multi_tensor_norm as ref
 from tests._helpers import (HAS_CUDA, assert_close, backend_devices, poison_allocations, randn,
                             requires_cuda)
 

@@ -1,4 +1,4 @@
-"""fused_lm.optim.Lion against the float64 reference (fused_lm/reference/optim.py) on every
+"""fused_lm.optim.Lion against the float64 reference (fused_lm/reference/lion.py) on every
 backend available here."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_lm.optim as fo
-from fused_lm.reference import optim as ref
+from fused_lm.reference import lion as ref
 from tests._helpers import assert_close, backend_devices, requires_cuda
 from tests.optim._common import (clone_params, make_params, random_grads, set_grads,
                                  shapes_for, three_groups)
