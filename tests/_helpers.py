@@ -6,6 +6,7 @@ Import as ``from tests._helpers import ...``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -47,6 +48,21 @@ TOL = {
 
 def tol(dtype: torch.dtype, scale: float = 1.0) -> float:
     return TOL[dtype] * scale
+
+
+def norm_tol(p: float) -> float:
+    """The ``scale`` for float32 p-norms: general p runs through 2^(p log2|x|), a few float32 ulps
+    per term (Triton's GPU exp2/log2 are the approximate PTX instructions)."""
+    return 1.0 if p in (1.0, 2.0, math.inf, -math.inf, 0.0) else 20.0
+
+
+# A tensor list for the multi-tensor ops (norm, clamp, clip): sizes around the Triton BLOCK (1024),
+# the CUDA block (256 x 4) and the CHUNK (16384 elements, fused_lm/ops/_multi_tensor.py); 0-d,
+# empty, single element; three dtypes in one list (one launch per dtype). (shape, dtype) pairs.
+CHUNK = 16384  # = fused_lm.ops._multi_tensor.CHUNK (tests/ops/test_multi_tensor.py checks)
+MIXED = [((3, 5), torch.float32), ((CHUNK + 3,), torch.bfloat16), ((), torch.float32),
+         ((0,), torch.float32), ((17,), torch.float16), ((1,), torch.bfloat16), ((1025,), torch.float32),
+         ((2, 0, 3), torch.float16), ((4097,), torch.float16)]
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

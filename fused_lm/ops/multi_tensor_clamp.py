@@ -28,7 +28,7 @@ from fused_lm.ops._spec import MULTI_TENSOR_GPU_DEFAULT_WHY, FamilySpec, TensorL
 SPEC = FamilySpec(
     name="multi_tensor_clamp", backends=("cuda", "triton", "cpu", "torch"), gpu_default="cuda",
     gpu_default_why=MULTI_TENSOR_GPU_DEFAULT_WHY,
-    reference="fused_lm.reference.multi_tensor_clamp:clip_grad_value",
+    reference="fused_lm.reference.multi_tensor_clamp:multi_tensor_clamp",
     lists=(TensorList("x", "param"),))
 
 try:

@@ -1,6 +1,7 @@
-"""Gradient clipping (issue 5): fused_lm.clip_grad_norm_ and friends against torch.nn.utils and the
-float64 reference, on every backend; DTensor (FSDP2), DDP and process-group reductions with two
-gloo processes against one process.
+"""Gradient clipping (issue 5), the API of fused_lm/clip.py: clip_grad_norm_ and friends against
+torch.nn.utils and the float64 reference, on every backend; DTensor (FSDP2), DDP and process-group
+reductions with two gloo processes against one process; clipping fused into the optimizer step.
+The kernels underneath are tested on their own in tests/ops/test_multi_tensor_{norm,clamp}.py.
 
 Every backend runs on the same inputs (Triton under the interpreter and the C++ CPU kernels here,
 CUDA where a GPU is present). Norms are compared with the float64 reference of the SAME stored
@@ -22,26 +23,13 @@ import fused_lm
 from fused_lm.ops import _multi_tensor as mt
 from fused_lm.ops.multi_tensor_norm import multi_tensor_norm
 from fused_lm.reference import multi_tensor_norm as ref
-from tests._helpers import (HAS_CUDA, assert_close, backend_devices, poison_allocations, randn,
-                            requires_cuda)
+from tests._helpers import MIXED, assert_close, backend_devices, norm_tol, randn, requires_cuda
 
 # Under the interpreter, numpy warns on log2(0) inside |x|^p = 2^(p log2|x|) (the result, 0 or
 # inf, is the intended one).
 # The finalise's non-finite flag computes norm - norm (inf - inf = NaN, the intended test).
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
-
-NORM_TYPES = [2.0, 1.0, math.inf, 3.0, 0.5, -1.5, -math.inf, 0.0]
-# Sizes around the Triton BLOCK (1024), the CUDA block (256 x 4) and the CHUNK (16384); 0-d, empty,
-# single element; three dtypes in one list (one launch per dtype into one partials buffer).
-MIXED = [((3, 5), torch.float32), ((mt.CHUNK + 3,), torch.bfloat16), ((), torch.float32),
-         ((0,), torch.float32), ((17,), torch.float16), ((1,), torch.bfloat16), ((1025,), torch.float32),
-         ((2, 0, 3), torch.float16), ((4097,), torch.float16)]
-
-
-def _tensors(device, spec=MIXED, scale=1.0):
-    return [randn(*s, dtype=d, device=device, scale=scale) for s, d in spec]
-
 
 def _params(device, spec=MIXED, none_at=(2,)):
     """Parameters with random gradients; the ones at ``none_at`` have grad None."""
@@ -62,106 +50,6 @@ def _clone_params(ps, dtype=None):
     return out
 
 
-def _norm_tol(p):
-    # General p runs through 2^(p log2|x|): a few float32 ulps per term (Triton's GPU exp2/log2 are
-    # the approximate PTX instructions).
-    return 1.0 if p in (1.0, 2.0, math.inf, -math.inf, 0.0) else 20.0
-
-
-# --------------------------------------------------------------------------------------------
-# The norm op.
-
-@pytest.mark.parametrize("backend,device", backend_devices())
-@pytest.mark.parametrize("p", NORM_TYPES)
-def test_norm_matches_reference_and_torch(backend, device, p):
-    xs = _tensors(device)
-    norm, coef, _ = multi_tensor_norm(xs, p, 0.5, backend=backend)
-    assert norm.dtype == torch.float32 and norm.shape == () and norm.device.type == device
-    expected = ref.total_norm(xs, p)
-    assert_close(norm, expected, torch.float32, scale=_norm_tol(p), what=f"p={p}")
-    assert_close(coef, ref.clip_coefficient(expected, 0.5), torch.float32, scale=_norm_tol(p))
-    # torch on float32 copies of the same values (its bf16 path rounds the norm to bf16); torch
-    # raises for the inf norm of an empty tensor, so empty tensors are left out of its list.
-    ref_torch = torch.nn.utils.get_total_norm([x.float() for x in xs if x.numel()], p)
-    assert_close(norm, ref_torch, torch.float32, scale=_norm_tol(p), what=f"vs torch p={p}")
-
-
-@pytest.mark.parametrize("backend,device", backend_devices(("triton", "cpu", "cuda")))
-def test_every_chunk_reduced(backend, device):
-    """A chunk or tail left out would change the count: |x| = 1 everywhere, so ||x||_1 = numel."""
-    sizes = (1, 1023, mt.CHUNK - 1, mt.CHUNK + 1, 3 * mt.CHUNK - 7)
-    xs = [torch.ones(n, device=device) * (-1) ** n for n in sizes]
-    with poison_allocations():
-        norm = multi_tensor_norm(xs, 1.0, backend=backend).norm
-    assert norm.item() == sum(sizes)
-    # A single large element in the last chunk's tail must be the max.
-    xs[-1][-1] = 7.0
-    assert multi_tensor_norm(xs, math.inf, backend=backend).norm.item() == 7.0
-    assert multi_tensor_norm(xs, -math.inf, backend=backend).norm.item() == 1.0
-
-
-@pytest.mark.parametrize("backend,device", backend_devices())
-@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0, -math.inf])
-def test_nonfinite_values(backend, device, p):
-    """NaN anywhere gives NaN for every norm type (max/min included, like torch); inf gives inf
-    for p > 0 (inf for -inf only if every element is inf)."""
-    xs = _tensors(device, [((40,), torch.float32), ((mt.CHUNK + 5,), torch.bfloat16)])
-    xs[1][mt.CHUNK + 2] = float("inf")
-    got = multi_tensor_norm(xs, p, backend=backend).norm
-    want = torch.nn.utils.get_total_norm([x.float() for x in xs], p)
-    assert (got.isinf() == want.isinf()).item() and (got.isnan() == want.isnan()).item()
-    if p > 0:
-        assert got.item() == math.inf
-        assert multi_tensor_norm(xs, p, backend=backend).flag.item() == 1.0
-    xs[0][3] = float("nan")
-    norm, coef, flag = multi_tensor_norm(xs, p, backend=backend)
-    assert norm.isnan().item() and coef.isnan().item(), f"NaN lost for p={p}"
-    assert flag.item() == 1.0
-    xs[0][3] = 0.5
-    xs[1][mt.CHUNK + 2] = 0.5
-    assert multi_tensor_norm(xs, p, backend=backend).flag.item() == 0.0
-
-
-@pytest.mark.parametrize("backend,device", backend_devices())
-def test_norm_edge_lists(backend, device):
-    # No tensor at all: torch's tensor(0.) on the CPU.
-    empty = multi_tensor_norm([], backend=backend).norm
-    assert empty.item() == 0.0 and empty.device.type == "cpu" and empty.dtype == torch.float32
-    # Only empty tensors: the empty sum / max (torch raises for inf on empty tensors).
-    zs = [torch.zeros(0, device=device), torch.zeros(3, 0, device=device)]
-    for p in (2.0, 1.0, math.inf):
-        assert multi_tensor_norm(zs, p, backend=backend).norm.item() == 0.0
-    # A single 0-d tensor and a non-contiguous one (read through a contiguous copy).
-    x = randn(5, 7, device=device).t()
-    assert_close(multi_tensor_norm([x, torch.tensor(-3.0, device=device)], backend=backend).norm,
-                 ref.total_norm([x, torch.tensor(-3.0)]), torch.float32)
-
-
-def test_float64_and_bad_input():
-    xs = [randn(10, dtype=torch.float64), randn(7)]
-    norm = multi_tensor_norm(xs).norm
-    assert norm.dtype == torch.float64
-    assert_close(norm, ref.total_norm(xs), torch.float32)
-    with pytest.raises(TypeError, match="real floating dtype"):
-        multi_tensor_norm([torch.arange(3)])
-    with pytest.raises(TypeError, match="real floating dtype"):
-        multi_tensor_norm([torch.randn(3, dtype=torch.complex64)])
-    with pytest.raises(TypeError, match="expected a torch.Tensor"):
-        multi_tensor_norm([[1.0, 2.0]])
-    with pytest.raises(ValueError, match="backend="):
-        multi_tensor_norm([torch.randn(3)], backend="fortran")
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_multi_device_norm():
-    """Tensors on the CPU and a GPU: per-device norms combined on the first tensor's device."""
-    xs = [randn(100), randn(300, device="cuda", dtype=torch.bfloat16), randn(5)]
-    for p in (2.0, math.inf, 1.0):
-        norm = multi_tensor_norm(xs, p).norm
-        assert norm.device.type == "cpu"
-        assert_close(norm, ref.total_norm(xs, p), torch.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # clip_grad_norm_ and friends.
 
@@ -176,16 +64,16 @@ def test_clip_grad_norm_matches_torch(backend, device, p):
     want_grads, want_norm = ref.clip_grad_norm(grads, 0.3 if p != 0 else 2.5, p)
     norm = fused_lm.clip_grad_norm_(ps, 0.3 if p != 0 else 2.5, p, backend=backend)
     assert norm.dtype == torch.float32 and norm.shape == ()
-    assert_close(norm, want_norm, torch.float32, scale=_norm_tol(p))
+    assert_close(norm, want_norm, torch.float32, scale=norm_tol(p))
     assert [q.grad is None for q in ps] == [q.grad is None for q in ps_torch]
     for g, w in zip((q.grad for q in ps if q.grad is not None), want_grads):
-        assert_close(g, w, g.dtype, scale=_norm_tol(p))
+        assert_close(g, w, g.dtype, scale=norm_tol(p))
     torch_norm = torch.nn.utils.clip_grad_norm_([q for q in ps_torch if q.numel() or p != math.inf],
                                                 0.3 if p != 0 else 2.5, p)
-    assert_close(norm, torch_norm, torch.float32, scale=_norm_tol(p))
+    assert_close(norm, torch_norm, torch.float32, scale=norm_tol(p))
     for q, q_torch in zip(ps, ps_torch):
         if q.grad is not None:
-            assert_close(q.grad, q_torch.grad.to(q.grad.dtype), q.grad.dtype, scale=_norm_tol(p))
+            assert_close(q.grad, q_torch.grad.to(q.grad.dtype), q.grad.dtype, scale=norm_tol(p))
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -390,7 +278,7 @@ def test_fsdp2_ddp_norms_equal_single_process(dist_results):
             want = ref.total_norm([q.grad for q in _single_process_grads()], p)
             for r in range(WORLD):
                 got = torch.tensor(results[r][("fsdp2", backend, p)])
-                assert_close(got, want, torch.float32, scale=_norm_tol(p), what=f"fsdp2 {backend} p={p}")
+                assert_close(got, want, torch.float32, scale=norm_tol(p), what=f"fsdp2 {backend} p={p}")
         for mode in ("fsdp2-clip", "ddp-clip"):
             params = _single_process_grads()
             want_norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
@@ -410,7 +298,7 @@ def test_process_group_norm_equals_single_process(dist_results):
             want = ref.total_norm(full, p)
             for r in range(WORLD):
                 assert_close(torch.tensor(results[r][("pg", backend, p)]), want, torch.float32,
-                             scale=_norm_tol(p), what=f"pg {backend} p={p}")
+                             scale=norm_tol(p), what=f"pg {backend} p={p}")
         for r in range(WORLD):  # NaN on rank 1 only reaches every rank
             assert math.isnan(results[r][("pg-nan", backend)])
 

@@ -17,7 +17,7 @@ from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
 from fused_lm.reference.multi_tensor_clamp import clip_grad_value as ref_clamp
 from fused_lm.reference.multi_tensor_norm import total_norm as ref_norm
 from fused_lm.reference.multi_tensor_scale import multi_tensor_scale as ref_scale
-from tests._helpers import assert_close, backend_devices, randn
+from tests._helpers import CHUNK, MIXED, assert_close, backend_devices, randn
 
 # |x|^p = 2^(p log2|x|) under the interpreter: numpy warns on log2(0) (the result is the intended one).
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
@@ -153,3 +153,9 @@ def test_compiled_ops_check_their_arguments():
         torch.ops.fused_lm.multi_tensor_norm_partials_(table.table, table.chunks, table.chunk_size,
                                                        torch.float32, torch.empty(5), 1, 2.0, 0)
     assert torch.equal(x, x.clone())
+
+
+def test_shared_test_list_straddles_the_chunk():
+    """tests/_helpers.MIXED is meant to cross a chunk boundary: its CHUNK is the ops' CHUNK."""
+    assert CHUNK == mt.CHUNK
+    assert any(math.prod(s) > mt.CHUNK for s, _ in MIXED)
