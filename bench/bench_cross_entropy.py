@@ -1,30 +1,22 @@
-"""Cross-entropy and linear cross-entropy (issue 6) against torch eager, torch.compile, Liger-Kernel
-and torch's chunked F.linear_cross_entropy.
+"""Cross-entropy (issue 6) against torch eager, torch.compile and Liger-Kernel (the linear
+cross-entropy: bench_linear_cross_entropy.py).
 
-CE bytes (the floor, written per case): the logits must be read once, and for forward+backward
-the gradient written once: fwd N*V*itemsize, fwd+bwd 2*N*V*itemsize (= 4*N*V in bf16). Targets
-(8*N) are negligible. Ceiling: device copy bandwidth.
-Linear CE FLOPs: logits 2*N*H*V, dx 2*N*H*V, dW 2*N*H*V: 6*N*H*V for forward+backward.
-Ceiling: bf16 matmul TFLOP/s measured in the same run. Peak memory is reported by the harness.
+Bytes (the floor, written per case): the logits must be read once, and for forward+backward the
+gradient written once: fwd N*V*itemsize, fwd+bwd 2*N*V*itemsize (= 4*N*V in bf16). Targets
+(8*N) are negligible. Ceiling: device copy bandwidth. Peak memory is reported by the harness.
 
-Targets (H100, issue 6): CE >= 0.9 of the bandwidth floor and >= 2x Liger; linear CE >= 0.6 of
-the matmul ceiling and faster than Liger and torch's chunked path.
+Target (H100, issue 6): >= 0.9 of the bandwidth floor and >= 2x Liger.
 
 CPU rows (issue 12, item 12): what a user without a GPU gets. "fused_lm" is the public default
 path (fused_lm.nn.functional, backend=None: on CPU tensors without the interpreter, the torch
-path: F.cross_entropy for the CE, the chunked torch path for the linear CE) next to the torch
-code it replaces, "torch-eager" (the reference of the speed-ups); target >= 0.95x. For the
-linear CE, "torch-eager" is also what torch 2.13's nn.LinearCrossEntropyLoss runs by default
-(options=None: its reference path, linear + cross_entropy); "torch-chunked" is its opt-in
-chunked path (options=LinearCrossEntropyOptions()). Cases: CE fwd+bwd at N=2048, V=32000 fp32
-(plain; with torch's options: class weights + label smoothing + ignored tokens; with our z-loss
-+ softcap, against the same math composed from torch ops), and linear CE fwd+bwd at N=512,
-H=256, V=32000 fp32 against eager matmul + F.cross_entropy.
+path: F.cross_entropy) next to the torch code it replaces, "torch-eager" (the reference of the
+speed-ups); target >= 0.95x. Cases: fwd+bwd at N=2048, V=32000 fp32 (plain; with torch's
+options: class weights + label smoothing + ignored tokens; with our z-loss + softcap, against the
+same math composed from torch ops). `python -m bench.bench_cross_entropy [rounds]` times them in
+interleaved rounds (harness.interleaved_rounds), for a machine whose cores are shared.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +24,6 @@ import torch.nn.functional as F
 from bench.harness import Case, Provider, Skip, peer, require_backend, rotating
 import fused_lm.nn.functional as FF
 from fused_lm.ops.cross_entropy import cross_entropy
-from fused_lm.ops.linear_cross_entropy import linear_cross_entropy
 
 _SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
@@ -41,11 +32,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     out: list[Case] = []
     if quick:
         ce_shapes = [(64, 1000)]
-        lce_shapes = [(64, 32, 1000)]
         dtypes = [torch.float32]
     else:
         ce_shapes = [(8192, v) for v in (32000, 50257, 128256, 256000)]
-        lce_shapes = [(8192, 4096, 128256), (8192, 2304, 256000)]
         dtypes = [torch.bfloat16, torch.float32]
     for N, V in ce_shapes:
         for dtype in dtypes:
@@ -66,20 +55,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                                 bytes=nbytes, ceiling="copy"))
     if device.type == "cpu":
         out += _cpu_cases(device)
-    lce_dtype = torch.float32 if quick else torch.bfloat16
-    for N, H, V in lce_shapes:
-        flops = 6 * N * H * V                                 # logits, dx and dW matmuls
-        make = _lce_inputs(N, H, V, lce_dtype, device)
-        footprint = (N * H + V * H) * lce_dtype.itemsize
-        providers = [
-            Provider("fused_lm-triton", _lce_fused("triton", make, footprint, device)),
-            Provider("fused_lm-torch", _lce_fused("torch", make, footprint, device)),
-            Provider("torch-eager", _lce_eager(make, footprint, device), reference=True),
-            Provider("torch-chunked", _lce_torch_chunked(make, footprint, device)),
-            Provider("liger", _lce_liger(make, footprint, device)),
-        ]
-        out.append(Case("cross_entropy", "linear-ce-fwd+bwd", f"N={N} H={H} V={V}",
-                        _SHORT[lce_dtype], providers, flops=flops, ceiling="matmul"))
     return out
 
 
@@ -108,16 +83,6 @@ def _cpu_cases(device) -> list[Case]:
         ]
         out.append(Case("cross_entropy", f"ce-fwd+bwd {name}", f"N={N} V={V}", "fp32", providers,
                         bytes=nbytes, ceiling="copy", note="CPU default path vs torch"))
-    N, H, V = 512, 256, 32000
-    make = _lce_inputs(N, H, V, dtype, device)
-    footprint = (N * H + V * H) * 4
-    providers = [
-        Provider("fused_lm", _lce_default(make, footprint, device)),
-        Provider("torch-eager", _lce_eager(make, footprint, device), reference=True),
-        Provider("torch-chunked", _lce_torch_chunked(make, footprint, device)),
-    ]
-    out.append(Case("cross_entropy", "linear-ce-fwd+bwd", f"N={N} H={H} V={V}", "fp32", providers,
-                    flops=6 * N * H * V, ceiling="matmul", note="CPU default path vs torch"))
     return out
 
 
@@ -201,116 +166,15 @@ def _ce_liger(make, footprint, device, backward):
     return setup
 
 
-# ----------------------------------------------------------------------------- linear cross-entropy
-
-def _lce_inputs(N, H, V, dtype, device):
-    def make():
-        x = (torch.randn(N, H, device=device) * 0.5).to(dtype).requires_grad_()
-        W = (torch.randn(V, H, device=device) * H ** -0.5).to(dtype).requires_grad_()
-        t = torch.randint(0, V, (N,), device=device)
-        return x, W, t
-    return make
-
-
-def _lce_timed(loss_fn, nxt):
-    def fn():
-        x, W, t = nxt()
-        loss = loss_fn(x, W, t)
-        x.grad = W.grad = None
-        loss.backward()
-        return loss
-    return fn
-
-
-def _lce_fused(backend, make, footprint, device):
-    def setup():
-        require_backend(backend, device)
-        return _lce_timed(lambda x, W, t: linear_cross_entropy(x, W, t, backend=backend),
-                          rotating(make, footprint, device))
-    return setup
-
-
-def _lce_default(make, footprint, device):
-    def setup():
-        return _lce_timed(lambda x, W, t: FF.linear_cross_entropy(x, W, t),
-                          rotating(make, footprint, device))
-    return setup
-
-
-def _lce_eager(make, footprint, device):
-    def setup():
-        return _lce_timed(lambda x, W, t: F.cross_entropy(x @ W.t(), t), rotating(make, footprint, device))
-    return setup
-
-
-def _lce_torch_chunked(make, footprint, device):
-    def setup():
-        options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-        if not hasattr(F, "linear_cross_entropy") or options_cls is None:
-            raise Skip(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
-        opts = options_cls()
-        return _lce_timed(lambda x, W, t: F.linear_cross_entropy(x, W, t, options=opts),
-                          rotating(make, footprint, device))
-    return setup
-
-
-def _lce_liger(make, footprint, device):
-    def setup():
-        if device.type != "cuda":
-            raise Skip("liger-kernel needs CUDA")
-        lk = peer("liger_kernel.transformers", "liger-kernel")
-        loss_mod = lk.LigerFusedLinearCrossEntropyLoss(reduction="mean")
-        return _lce_timed(lambda x, W, t: loss_mod(W, x, t), rotating(make, footprint, device))
-    return setup
-
-
 # ----------------------------------------------------------------------------- CPU rounds
-
-def cpu_rounds(rounds: int = 5, reps: int = 5) -> list[str]:
-    """The CPU rows in interleaved rounds (case order and provider order alternate between
-    rounds), for a machine whose cores are shared: one round's ratio compares providers timed
-    back to back; the table gives per-provider median times, the median ratio to torch-eager and
-    its range over the rounds (the noise)."""
-    import statistics
-    import sys
-
-    from bench import harness
-
-    device = torch.device("cpu")
-    cases = _cpu_cases(device)
-    ceilings = harness.measure_ceilings(device, True)
-    times: dict = {}
-    ratios: dict = {}
-    for r in range(rounds):
-        for case in (cases if r % 2 == 0 else cases[::-1]):
-            order = case.providers if r % 2 == 0 else case.providers[::-1]
-            rows = harness.run_case(dataclasses.replace(case, providers=order), device, ceilings,
-                                    True, reps)
-            by = {row.provider: row.median_ms for row in rows if row.median_ms}
-            for name, ms in by.items():
-                times.setdefault((case.op, case.shape, name), []).append(ms)
-            if "fused_lm" in by and "torch-eager" in by:
-                ratios.setdefault((case.op, case.shape), []).append(by["torch-eager"] / by["fused_lm"])
-            print(f"round {r + 1}/{rounds} {case.op} {case.shape}: "
-                  + ", ".join(f"{name} {ms:.1f} ms" for name, ms in by.items()),
-                  file=sys.stderr, flush=True)
-    lines = [f"CPU rows, {rounds} interleaved rounds of {reps} timed calls, {torch.get_num_threads()} "
-             "threads; ms = median over rounds; ratio = torch-eager time / fused_lm time",
-             "| case | shape | fused_lm ms | torch-eager ms | ratio | range | others |",
-             "|---|---|---|---|---|---|---|"]
-    for (op, shape), rs in ratios.items():
-        others = ", ".join(f"{name} {statistics.median(v):.1f} ms" for (o, s, name), v in times.items()
-                           if (o, s) == (op, shape) and name not in ("fused_lm", "torch-eager"))
-        lines.append(f"| {op} | {shape} | {statistics.median(times[(op, shape, 'fused_lm')]):.1f} | "
-                     f"{statistics.median(times[(op, shape, 'torch-eager')]):.1f} | "
-                     f"{statistics.median(rs):.2f}x | {min(rs):.2f}-{max(rs):.2f} | {others} |")
-    return lines
-
 
 if __name__ == "__main__":                  # python -m bench.bench_cross_entropy [rounds]
     import sys
 
-    print("\n".join(cpu_rounds(int(sys.argv[1]) if len(sys.argv) > 1 else 5)))
+    from bench import harness
+
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    print("\n".join(harness.interleaved_rounds(_cpu_cases(torch.device("cpu")), rounds)))
 
 
-__all__ = ["cases", "cpu_rounds"]
+__all__ = ["cases"]

@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -287,6 +288,41 @@ def run_case(case: Case, device: torch.device, ceilings: dict[str, float], quick
         if r.median_ms:
             r.speedups = {name: ms / r.median_ms for name, ms in refs.items() if name != r.provider}
     return rows
+
+
+def interleaved_rounds(cases: list[Case], rounds: int = 5, reps: int = 5,
+                       device: torch.device = torch.device("cpu")) -> list[str]:
+    """``cases`` (each with a "fused_lm" and a "torch-eager" provider) in interleaved rounds (case
+    order and provider order alternate between rounds), for a machine whose cores are shared: one
+    round's ratio compares providers timed back to back; the table (markdown lines) gives
+    per-provider median times, the median ratio to torch-eager and its range over the rounds (the
+    noise)."""
+    ceilings = measure_ceilings(device, True)
+    times: dict = {}
+    ratios: dict = {}
+    for r in range(rounds):
+        for case in (cases if r % 2 == 0 else cases[::-1]):
+            order = case.providers if r % 2 == 0 else case.providers[::-1]
+            rows = run_case(dataclasses.replace(case, providers=order), device, ceilings, True, reps)
+            by = {row.provider: row.median_ms for row in rows if row.median_ms}
+            for name, ms in by.items():
+                times.setdefault((case.op, case.shape, name), []).append(ms)
+            if "fused_lm" in by and "torch-eager" in by:
+                ratios.setdefault((case.op, case.shape), []).append(by["torch-eager"] / by["fused_lm"])
+            print(f"round {r + 1}/{rounds} {case.op} {case.shape}: "
+                  + ", ".join(f"{name} {ms:.1f} ms" for name, ms in by.items()),
+                  file=sys.stderr, flush=True)
+    lines = [f"CPU rows, {rounds} interleaved rounds of {reps} timed calls, {torch.get_num_threads()} "
+             "threads; ms = median over rounds; ratio = torch-eager time / fused_lm time",
+             "| case | shape | fused_lm ms | torch-eager ms | ratio | range | others |",
+             "|---|---|---|---|---|---|---|"]
+    for (op, shape), rs in ratios.items():
+        others = ", ".join(f"{name} {statistics.median(v):.1f} ms" for (o, s, name), v in times.items()
+                           if (o, s) == (op, shape) and name not in ("fused_lm", "torch-eager"))
+        lines.append(f"| {op} | {shape} | {statistics.median(times[(op, shape, 'fused_lm')]):.1f} | "
+                     f"{statistics.median(times[(op, shape, 'torch-eager')]):.1f} | "
+                     f"{statistics.median(rs):.2f}x | {min(rs):.2f}-{max(rs):.2f} | {others} |")
+    return lines
 
 
 def git_commit() -> str:

@@ -423,7 +423,7 @@ def test_fused_clip_step_fsdp2_and_zero_equal_single_process(dist_results):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_gpt2_sized_clip(backend, dtype):
-    from bench.bench_multi_tensor import gpt2_shapes, tiny_shapes
+    from bench.lists import gpt2_shapes, tiny_shapes
 
     shapes = gpt2_shapes() + tiny_shapes(2000)
     ps = [torch.nn.Parameter(torch.empty(s, device="cuda", dtype=dtype)) for s in shapes]
@@ -449,7 +449,7 @@ def test_gpu_gpt2_sized_clip(backend, dtype):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_fused_clip_step_no_sync(backend):
-    from bench.bench_multi_tensor import gpt2_shapes
+    from bench.lists import gpt2_shapes
 
     shapes = gpt2_shapes()[:40]
     pa = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]

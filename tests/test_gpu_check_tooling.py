@@ -42,7 +42,7 @@ def test_bench_killed_after_first_row_keeps_it():
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         proc = subprocess.Popen(
-            [sys.executable, "bench/run.py", "--only", "multi_tensor", "--quick", "--reps", "3",
+            [sys.executable, "bench/run.py", "--only", "multi_tensor_scale", "--quick", "--reps", "3",
              "--out", str(out), "--no-table"],
             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         printed, header_seen, deadline = [], False, time.monotonic() + 120
@@ -91,7 +91,7 @@ def test_signal_tripped_during_a_row_write_is_held_until_both_files_are_written(
         run._raise_stopped(signal.SIGTERM, None)  # what Python does at the next bytecode
 
     monkeypatch.setattr(run.os, "fsync", fsync_then_signal)
-    row = harness.Row("multi_tensor", "scale", "s", "fp32", "torch", "ok")
+    row = harness.Row("multi_tensor_scale", "scale", "s", "fp32", "torch", "ok")
     with pytest.raises(run.Stopped) as exc:
         writer.add(row)
     assert exc.value.signum == signal.SIGTERM
@@ -106,7 +106,7 @@ def test_signal_tripped_during_a_row_write_is_held_until_both_files_are_written(
 
 def test_bench_processes_join_one_run(tmp_path):
     """--run DATE: the second process reuses the first one's ceilings and run entry."""
-    cmd = [sys.executable, "bench/run.py", "--only", "multi_tensor", "--quick", "--out", str(tmp_path),
+    cmd = [sys.executable, "bench/run.py", "--only", "multi_tensor_scale", "--quick", "--out", str(tmp_path),
            "--no-table", "--run", "2026-01-02T03:04:05Z", "--time-limit", "0"]
     first = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -125,7 +125,7 @@ def test_gpu_check_dry_run_walks_every_stage(tmp_path):
     """FUSED_LM_GPU_CHECK_DRY=1 on this CPU machine: every stage runs its CPU part, $OUT holds
     exactly the eight files of the protocol, and the summary names every stage."""
     env = _env(OUT=str(tmp_path), FUSED_LM_GPU_CHECK_DRY="1", FUSED_LM_GPU_CHECK_SMOKE_ARGS="--only multi_tensor",
-               FUSED_LM_GPU_CHECK_BENCH_FAMILIES="multi_tensor")
+               FUSED_LM_GPU_CHECK_BENCH_FAMILIES="multi_tensor_scale")
     proc = subprocess.run(["bash", "tools/gpu_check.sh", sys.executable], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -36,7 +36,8 @@
 #
 # Knobs: FUSED_LM_GPU_CHECK_BUDGET (s), FUSED_LM_GPU_TEST_WORKERS (8),
 # FUSED_LM_GPU_CHECK_SMOKE_ARGS (extra tools/gpu_smoke.py arguments),
-# FUSED_LM_GPU_CHECK_BENCH_FAMILIES (space-separated, default all, cheapest first).
+# FUSED_LM_GPU_CHECK_BENCH_FAMILIES (space-separated process groups, each a comma list of
+# bench/run.py families; default all, cheapest first).
 set -uo pipefail
 PY="${1:-python3}"
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -249,11 +250,13 @@ run_pass gpu_first "(gpu or cuda_ext or triton) and not cpu_only" 110 90
 run_pass rest "not (gpu or cuda_ext or triton) and not cpu_only" 40 60
 
 # --------------------------------------------------------------------------------- benchmarks
-# One process per family, cheapest first, all joining one run (one date); each gets a share of
+# One process per group of families (a comma list: related families share a process, so six
+# process starts, not nine), cheapest first, all joining one run (one date); each gets a share of
 # what is left by weight as a soft limit (no new case after it) and is stopped 20 s after it.
 # Compile-heavy providers (torch.compile, FlexAttention) run last, in one process.
-families=(${FUSED_LM_GPU_CHECK_BENCH_FAMILIES:-multi_tensor optim clip cross_entropy attention transformers})
-declare -A weight=([multi_tensor]=1 [optim]=1 [clip]=1 [cross_entropy]=2 [attention]=3 [transformers]=1)
+families=(${FUSED_LM_GPU_CHECK_BENCH_FAMILIES:-multi_tensor_scale,multi_tensor_clamp multi_tensor_norm adamw,lion cross_entropy,linear_cross_entropy attention transformers})
+declare -A weight=([multi_tensor_scale,multi_tensor_clamp]=1 [multi_tensor_norm]=1 [adamw,lion]=1
+                   [cross_entropy,linear_cross_entropy]=2 [attention]=3 [transformers]=1)
 size_args=(--full)
 [ -n "$DRY" ] && size_args=(--quick --reps 3)
 run_date=$(date -u +%FT%TZ)

@@ -124,7 +124,7 @@ def test_bad_scale():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scale_gpu_realistic(backend, dtype):
-    from bench.bench_multi_tensor import gpt2_shapes
+    from bench.lists import gpt2_shapes
 
     xs = [randn(*s, dtype=dtype, device="cuda") for s in gpt2_shapes()]
     expected = reference(xs, 0.9)

@@ -1,4 +1,5 @@
-"""Gradient clipping by global norm (issue 5): fused_lm against torch.nn.utils.clip_grad_norm_.
+"""The multi-tensor norm family: the global gradient norm and clipping by it (issue 5), fused_lm
+against torch.nn.utils.get_total_norm / clip_grad_norm_.
 
 Cases, on the GPT-2 124M parameter list and 10,000 tiny tensors (1 to 64k elements):
 
@@ -26,15 +27,9 @@ import math
 
 import torch
 
-from bench.bench_multi_tensor import gpt2_shapes, tiny_shapes
 from bench.harness import Case, Provider, require_backend, rotating
-
-
-def _lists(quick: bool) -> dict[str, list[tuple[int, ...]]]:
-    if quick:
-        return {"gpt2-124M/16": [tuple(max(1, x // 4) for x in s) for s in gpt2_shapes()],
-                "tiny-500": tiny_shapes(500)}
-    return {"gpt2-124M": gpt2_shapes(), "tiny-10k": tiny_shapes(10_000)}
+from bench.lists import describe, tensor_lists
+from bench.optim_common import stepper
 
 
 def _params(shapes, dtype, device):
@@ -56,12 +51,12 @@ def _short(dtype: torch.dtype) -> str:
 def cases(device: torch.device, quick: bool) -> list[Case]:
     out = []
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    for label, shapes in _lists(quick).items():
+    for label, shapes in tensor_lists(quick).items():
         numel = sum(math.prod(s) for s in shapes)
         for dtype in dtypes:
             itemsize = torch.empty((), dtype=dtype).element_size()
             read = numel * itemsize                    # one read of every gradient
-            shape = f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M)"
+            shape = describe(label, shapes)
             for op, nbytes, ceiling in (("norm", read, "copy"), ("norm+scale", 3 * read, "rmw")):
                 providers = [Provider(f"fused_lm-{b}", _fused(op, b, shapes, dtype, device, read))
                              for b in ("cuda", "triton", "cpu")]
@@ -69,7 +64,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                                           reference=True))
                 if label.startswith("tiny"):
                     providers.append(Provider("torch-loop", _torch(op, False, shapes, dtype, device, read)))
-                out.append(Case("clip", op, shape, _short(dtype), providers, bytes=nbytes, ceiling=ceiling))
+                out.append(Case("multi_tensor_norm", op, shape, _short(dtype), providers, bytes=nbytes, ceiling=ceiling))
     out += _fused_step_cases(device, quick)
     return out
 
@@ -105,29 +100,25 @@ def _fused_step_cases(device: torch.device, quick: bool) -> list[Case]:
     formula for every provider, so GB/s compare times; torch's unfused path moves 40 B (its scale
     pass reads and writes g once more). Targets (GPU): fused clip+AdamW <= 1.15x the time of the
     fused_lm AdamW step alone (provider "fused_lm-<b>-noclip"), >= 1.5x faster than torch's
-    clip_grad_norm_ + fused AdamW. Ceiling: copy on a GPU, rmw on the CPU (as bench_optim).
+    clip_grad_norm_ + fused AdamW. Ceiling: copy on a GPU, rmw on the CPU (as bench_adamw).
     """
-    from bench.bench_optim import _stepper, param_lists
-
     out = []
     ceiling = "copy" if device.type == "cuda" else "rmw"
-    lists = param_lists(device, quick)
-    lists.pop("llama-1B", None)
-    for label, shapes in lists.items():
+    for label, shapes in tensor_lists(quick).items():   # the optimizer lists, without Llama-1B
         numel = sum(math.prod(s) for s in shapes)
-        shape = f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M)"
+        shape = describe(label, shapes)
         providers = []
         for b in ("cuda", "triton", "cpu"):
-            providers.append(Provider(f"fused_lm-{b}", _fused_adamw(b, 1.0, shapes, device, quick, _stepper)))
-            providers.append(Provider(f"fused_lm-{b}-noclip", _fused_adamw(b, None, shapes, device, quick, _stepper)))
-        providers.append(Provider("torch-clip+fused", _torch_clip_adamw("fused", shapes, device, quick, _stepper),
+            providers.append(Provider(f"fused_lm-{b}", _fused_adamw(b, 1.0, shapes, device, quick)))
+            providers.append(Provider(f"fused_lm-{b}-noclip", _fused_adamw(b, None, shapes, device, quick)))
+        providers.append(Provider("torch-clip+fused", _torch_clip_adamw("fused", shapes, device, quick),
                                   reference=True))
-        providers.append(Provider("torch-clip+foreach", _torch_clip_adamw("foreach", shapes, device, quick, _stepper)))
-        out.append(Case("clip", "clip+adamw-step", shape, "fp32", providers, bytes=32 * numel, ceiling=ceiling))
+        providers.append(Provider("torch-clip+foreach", _torch_clip_adamw("foreach", shapes, device, quick)))
+        out.append(Case("multi_tensor_norm", "clip+adamw-step", shape, "fp32", providers, bytes=32 * numel, ceiling=ceiling))
     return out
 
 
-def _fused_adamw(backend, max_grad_norm, shapes, device, quick, stepper):
+def _fused_adamw(backend, max_grad_norm, shapes, device, quick):
     def setup():
         require_backend(backend, device)
         from fused_lm.optim import AdamW
@@ -148,7 +139,7 @@ class _ClipThenStep:
         self.optimizer.step()
 
 
-def _torch_clip_adamw(impl, shapes, device, quick, stepper):
+def _torch_clip_adamw(impl, shapes, device, quick):
     def setup():
         kw = {"fused": dict(fused=True), "foreach": dict(foreach=True)}[impl]
 

@@ -11,24 +11,8 @@ import math
 import torch
 
 from bench.harness import Case, Provider, require_backend, rotating
+from bench.lists import describe, tensor_lists
 from fused_lm.ops.multi_tensor_scale import multi_tensor_scale_
-
-
-def gpt2_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of GPT-2 small (124M): embeddings, 12 blocks, final norm."""
-    d, v, ctx = 768, 50257, 1024
-    shapes = [(v, d), (ctx, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,),
-                   (d, 4 * d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
-def tiny_shapes(count: int, seed: int = 0) -> list[tuple[int, ...]]:
-    """``count`` tensors of 1 to 64k elements, log-uniform (many small norms and biases)."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = torch.exp(torch.rand(count, generator=g) * math.log(65536)).long().clamp(1, 65536)
-    return [(int(n),) for n in sizes]
 
 
 def _make(shapes, dtype, device):
@@ -37,10 +21,7 @@ def _make(shapes, dtype, device):
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     out = []
-    lists = {"gpt2-124M": gpt2_shapes(), "tiny-10k": tiny_shapes(10_000)}
-    if quick:
-        lists = {"gpt2-124M/16": [tuple(max(1, x // 4) for x in s) for s in gpt2_shapes()],
-                 "tiny-500": tiny_shapes(500)}
+    lists = tensor_lists(quick)
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     for label, shapes in lists.items():
         for dtype in dtypes:
@@ -52,7 +33,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 providers.append(Provider(f"fused_lm-{backend}", _fused(backend, shapes, dtype, device, nbytes)))
             providers.append(Provider("torch-foreach", _foreach(shapes, dtype, device, nbytes), reference=True))
             providers.append(Provider("torch-eager-loop", _loop(shapes, dtype, device, nbytes)))
-            out.append(Case("multi_tensor", "scale", f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M)",
+            out.append(Case("multi_tensor_scale", "scale", describe(label, shapes),
                             str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32"),
                             providers, bytes=nbytes, ceiling="rmw"))
     return out
@@ -97,4 +78,4 @@ def _loop(shapes, dtype, device, nbytes):
     return setup
 
 
-__all__ = ["cases", "gpt2_shapes", "tiny_shapes"]
+__all__ = ["cases"]
