@@ -3,7 +3,7 @@
 // Schemas: fused_lm/schemas.h. One call = the step increment of every tensor + the update of every tensor.
 #include "fused_lm/cpu_multi_tensor.h"
 #include "fused_lm/optim_checks.h"
-#include "fused_lm/optim_functors.h"
+#include "fused_lm/optim.h"
 
 namespace {
 

@@ -2,7 +2,7 @@
 // (ClampOp, norm_functors.h). Bytes moved: 2 * numel * sizeof(T) (read + write).
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/norm_functors.h"
+#include "fused_lm/multi_tensor_norm.h"
 
 namespace flm {
 

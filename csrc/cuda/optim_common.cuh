@@ -3,7 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/optim_functors.h"
+#include "fused_lm/optim.h"
 
 namespace flm {
 

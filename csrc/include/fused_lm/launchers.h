@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "launch.h"
-#include "optim_functors.h"
+#include "optim.h"
 
 #ifndef FLM_LAUNCHER
 #define FLM_LAUNCHER
