@@ -3,7 +3,8 @@
 // Schemas: fused_lm/schemas.h. One call = the step increment of every tensor + the update of every tensor.
 #include "fused_lm/cpu_multi_tensor.h"
 #include "fused_lm/optim_checks.h"
-#include "fused_lm/optim.h"
+#include "fused_lm/adamw.h"
+#include "fused_lm/lion.h"
 
 namespace {
 

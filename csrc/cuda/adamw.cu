@@ -3,7 +3,7 @@
 // Bytes per element (fp32 params and state): 16 read + 12 written = 28.
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/optim.h"
+#include "fused_lm/adamw.h"
 #include "optim_common.cuh"
 
 namespace flm {

@@ -3,7 +3,7 @@
 // Bytes per element (fp32 params and state): 12 read + 8 written = 20.
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/optim.h"
+#include "fused_lm/lion.h"
 #include "optim_common.cuh"
 
 namespace flm {

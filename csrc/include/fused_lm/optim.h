@@ -1,7 +1,9 @@
-// AdamW and Lion update functors, shared by the CUDA kernels (csrc/cuda/optim_*.cu) and the CPU
-// kernels (csrc/cpu/optim.cpp): the CPU CI runs the very arithmetic of the GPU.
+// The engine shared by the AdamW and Lion update functors (adamw.h, lion.h), which run in the
+// CUDA kernels (csrc/cuda/adamw.cu, lion.cu) and the CPU kernels (csrc/cpu/adamw.cpp, lion.cpp):
+// the CPU CI runs the very arithmetic of the GPU. Here: the kernel arguments (OptimArgs), the
+// stochastic-rounding bits, the float64 per-chunk scalars and the runtime dtype/flag dispatch.
 //
-// Both follow the Op protocol of multi_tensor_apply.cuh. Per chunk, context() reads the
+// Both functors follow the Op protocol of multi_tensor_apply.cuh. Per chunk, context() reads the
 // hyperparameters of the chunk's param group from the device table `hp` (row layout in
 // fused_lm/ops/_optim_common.py: lr, beta1, beta2, eps, weight_decay, grad_sign), the tensor's
 // step count through `step_table` (int64 addresses of float32 counters, indexed by the chunk's
@@ -21,15 +23,12 @@
 // sqrt_rn with contraction off: CPU C++, CUDA C++ and Triton (GPU or interpreter) agree bit for
 // bit on AdamW and Lion (tests/test_gpu_numerics.py checks CPU C++ against the interpreter).
 #pragma once
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "dtypes.h"
-#include "lists.h"
 #include "launch.h"
 #include "macros.h"
-#include "tensor_table.h"
 
 namespace flm {
 
@@ -107,165 +106,9 @@ FLM_HD float step_of(const OptimArgs& a, int64_t tensor) {
   return *reinterpret_cast<const float*>(a.step_table[tensor]);
 }
 
-// ---- AdamW ---------------------------------------------------------------------------------
-// lists: 0 param (P), 1 grad (P), 2 exp_avg (S), 3 exp_avg_sq (S), [max_exp_avg_sq (S)],
-// [master (float)]. With a master copy the update applies to it and the param is its rounding.
-template <typename P, typename S, bool kAmsgrad, bool kMaster>
-struct AdamWOp {
-  // List positions from the family spec (lists.h, generated from fused_lm/ops/adamw.py SPEC).
-  static constexpr int kP = lists::adamw::kParams, kG = lists::adamw::kGrads;
-  static constexpr int kM = lists::adamw::kExpAvgs, kV = lists::adamw::kExpAvgSqs;
-  static constexpr int kVmax = lists::adamw::max_exp_avg_sqs(kAmsgrad, kMaster);
-  static constexpr int kMasterList = lists::adamw::masters(kAmsgrad, kMaster);
-  static constexpr int kLists = lists::adamw::count(kAmsgrad, kMaster);
-  static constexpr unsigned kWriteMask = (1u << kP) | (1u << kM) | (1u << kV) |
-                                         (kAmsgrad ? 1u << kVmax : 0u) |
-                                         (kMaster ? 1u << kMasterList : 0u);
-  OptimArgs a;
-
-  struct Ctx {
-    bool skip;
-    float mult, decay, c1, c2, b2, eps, neg_step_size, sqrt_bc2;
-    uint32_t key;
-  };
-
-  FLM_HD Ctx context(const ChunkView& c) const {
-    Ctx x;
-    x.skip = *a.skip != 0.0f;
-    const float* h = a.hp + c.group * kHpCols;
-    const float lr = h[0];
-    x.c1 = 1.0f - h[1];
-    x.c2 = 1.0f - h[2];
-    x.b2 = h[2];
-    x.eps = h[3];
-    x.decay = one_minus_product(lr, h[4]);
-    x.mult = *a.grad_mult * h[5];
-    const float t = step_of(a, c.tensor);
-    // -lr / bias_correction1 and sqrt(bias_correction2), float64, rounded once.
-    x.neg_step_size = static_cast<float>(-static_cast<double>(lr) / (1.0 - pow_count(h[1], t)));
-    x.sqrt_bc2 = static_cast<float>(sqrt(1.0 - pow_count(h[2], t)));
-    x.key = a.sr ? sr_key(a.seed, t, c.tensor) : 0u;
-    return x;
-  }
-
-  FLM_HD void operator()(const Ctx& x, float* v, int64_t index) const {
-    const float g = v[kG] * x.mult;
-    float p;
-    if constexpr (kMaster) p = v[kMasterList]; else p = v[kP];
-    p *= x.decay;
-    const float m = fma_rn(x.c1, g - v[kM], v[kM]);      // lerp(m, g, 1 - b1)
-    const float s = fma_rn(x.c2 * g, g, x.b2 * v[kV]);   // b2 * v + (1 - b2) * g^2
-    float vh = s;
-    if constexpr (kAmsgrad) {
-      const float vm = v[kVmax];
-      vh = (s > vm || s != s) ? s : vm;                   // torch.maximum (NaN propagates)
-      v[kVmax] = vh;
-    }
-    p = fma_rn(x.neg_step_size, m / (sqrtf(vh) / x.sqrt_bc2 + x.eps), p);
-    v[kM] = m;
-    v[kV] = s;
-    if constexpr (kMaster) v[kMasterList] = p;
-    v[kP] = round_param<P>(p, a.sr, x.key, index);
-  }
-};
-
-// ---- Lion ----------------------------------------------------------------------------------
-// lists: 0 param (P), 1 grad (P), 2 exp_avg (S), [master (float)].
-template <typename P, typename S, bool kMaster>
-struct LionOp {
-  static constexpr int kP = lists::lion::kParams, kG = lists::lion::kGrads;
-  static constexpr int kM = lists::lion::kExpAvgs;
-  static constexpr int kMasterList = lists::lion::masters(kMaster);
-  static constexpr int kLists = lists::lion::count(kMaster);
-  static constexpr unsigned kWriteMask =
-      (1u << kP) | (1u << kM) | (kMaster ? 1u << kMasterList : 0u);
-  OptimArgs a;
-
-  struct Ctx {
-    bool skip;
-    float mult, decay, neg_lr, b1, b2, c1, c2;
-    uint32_t key;
-  };
-
-  FLM_HD Ctx context(const ChunkView& c) const {
-    Ctx x;
-    x.skip = *a.skip != 0.0f;
-    const float* h = a.hp + c.group * kHpCols;
-    x.neg_lr = -h[0];
-    x.b1 = h[1];
-    x.b2 = h[2];
-    x.c1 = 1.0f - h[1];
-    x.c2 = 1.0f - h[2];
-    x.decay = one_minus_product(h[0], h[4]);
-    x.mult = *a.grad_mult * h[5];
-    x.key = a.sr ? sr_key(a.seed, step_of(a, c.tensor), c.tensor) : 0u;
-    return x;
-  }
-
-  FLM_HD void operator()(const Ctx& x, float* v, int64_t index) const {
-    const float g = v[kG] * x.mult;
-    float p;
-    if constexpr (kMaster) p = v[kMasterList]; else p = v[kP];
-    const float c = fma_rn(x.c1, g, x.b1 * v[kM]);
-    const float sign = float(c > 0.0f) - float(c < 0.0f);  // torch.sign: (0 < c) - (c < 0), NaN -> 0
-    p = fma_rn(x.neg_lr, sign, p * x.decay);              // lr * sign is exact
-    v[kM] = fma_rn(x.c2, g, x.b2 * v[kM]);
-    if constexpr (kMaster) v[kMasterList] = p;
-    v[kP] = round_param<P>(p, a.sr, x.key, index);
-  }
-};
-
 // ---- runtime dtype/flag dispatch (host code shared by the CPU and CUDA launchers) ------------
 
 template <typename... Ts> struct TypeList {};
-
-template <typename P, typename S, bool A, bool M> struct AdamWTag {
-  using Op = AdamWOp<P, S, A, M>;
-  using Lists = typename std::conditional<
-      A, typename std::conditional<M, TypeList<P, P, S, S, S, float>, TypeList<P, P, S, S, S>>::type,
-      typename std::conditional<M, TypeList<P, P, S, S, float>, TypeList<P, P, S, S>>::type>::type;
-};
-
-template <typename P, typename S, bool M> struct LionTag {
-  using Op = LionOp<P, S, M>;
-  using Lists = typename std::conditional<M, TypeList<P, P, S, float>, TypeList<P, P, S>>::type;
-};
-
-// Calls f(Tag{}) for the instantiation matching the runtime choice; false if unsupported.
-template <typename P, typename S, typename F>
-bool adamw_flags(bool amsgrad, bool master, F&& f) {
-  if constexpr (std::is_same<P, float>::value) {
-    if (master) return false;
-    amsgrad ? f(AdamWTag<P, S, true, false>{}) : f(AdamWTag<P, S, false, false>{});
-  } else {
-    if (master) {
-      amsgrad ? f(AdamWTag<P, S, true, true>{}) : f(AdamWTag<P, S, false, true>{});
-    } else {
-      amsgrad ? f(AdamWTag<P, S, true, false>{}) : f(AdamWTag<P, S, false, false>{});
-    }
-  }
-  return true;
-}
-
-template <typename P, typename S, typename F>
-bool lion_flags(bool /*amsgrad*/, bool master, F&& f) {
-  if constexpr (std::is_same<P, float>::value) {
-    if (master) return false;
-    f(LionTag<P, S, false>{});
-  } else {
-    master ? f(LionTag<P, S, true>{}) : f(LionTag<P, S, false>{});
-  }
-  return true;
-}
-
-struct AdamWFamily {
-  template <typename P, typename S, typename F>
-  static bool flags(bool amsgrad, bool master, F&& f) { return adamw_flags<P, S>(amsgrad, master, f); }
-};
-struct LionFamily {
-  template <typename P, typename S, typename F>
-  static bool flags(bool amsgrad, bool master, F&& f) { return lion_flags<P, S>(amsgrad, master, f); }
-};
 
 // The state dtypes of param dtype P: float32, bf16 or P itself. (A helper, not a second generic
 // lambda nested in optim_dispatch's: g++ 12 evaluated is_same<S, P> as false there for
@@ -284,6 +127,7 @@ bool optim_by_state(DType s, bool amsgrad, bool master, F&& f) {
 }
 
 // Dispatches (param dtype, state dtype, amsgrad, master) to f(Tag{}); false when unsupported.
+// Family: AdamWFamily (adamw.h) or LionFamily (lion.h).
 template <typename Family, typename F>
 bool optim_dispatch(DType p, DType s, bool amsgrad, bool master, F&& f) {
   bool ok = false;

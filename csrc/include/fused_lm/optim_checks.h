@@ -8,6 +8,7 @@
 // and that the (param, state) dtypes and list count are ones the kernels implement.
 #pragma once
 
+#include "fused_lm/lists.h"
 #include "fused_lm/optim.h"
 #include "fused_lm/torch_utils.h"
 
