@@ -1,9 +1,9 @@
 // AdamW on CUDA: the step-increment kernel, then one multi_tensor_apply launch of AdamWOp
-// (optim_functors.h, shared with the CPU kernels) over every chunk of every tensor of a bucket.
+// (fused_lm/adamw.h, shared with the CPU kernel) over every chunk of every tensor of a bucket.
 // Bytes per element (fp32 params and state): 16 read + 12 written = 28.
+#include "fused_lm/adamw.h"
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/adamw.h"
 #include "optim_common.cuh"
 
 namespace flm {

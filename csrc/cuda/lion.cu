@@ -1,9 +1,9 @@
 // Lion on CUDA: the step-increment kernel, then one multi_tensor_apply launch of LionOp
-// (optim_functors.h, shared with the CPU kernels) over every chunk of every tensor of a bucket.
+// (fused_lm/lion.h, shared with the CPU kernel) over every chunk of every tensor of a bucket.
 // Bytes per element (fp32 params and state): 12 read + 8 written = 20.
+#include "fused_lm/lion.h"
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/lion.h"
 #include "optim_common.cuh"
 
 namespace flm {

@@ -1,4 +1,4 @@
-// Pieces shared by the optimizer .cu files (optim_adamw.cu, optim_lion.cu, optim_step.cu).
+// Pieces shared by the optimizer .cu files (adamw.cu, lion.cu, optim_step.cu).
 #pragma once
 #include <cuda_runtime.h>
 
