@@ -1,7 +1,7 @@
 """Reference optimizer updates: one tensor at a time, in plain PyTorch, written for clarity.
 
 These are the twins of the multi-tensor AdamW and Lion kernels (fused_lm/ops/adamw.py,
-fused_lm/ops/lion.py, csrc/include/fused_lm/optim_functors.h). Every function updates its tensors
+fused_lm/ops/lion.py, csrc/include/fused_lm/adamw.h, lion.h). Every function updates its tensors
 in place and computes in ``compute_dtype`` (float64 by default: the reference is more precise than
 any kernel), then stores back to each tensor's own dtype.
 
