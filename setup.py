@@ -110,7 +110,7 @@ def extensions():
     include = [os.path.join(ROOT, "csrc", "include")]
     # -ffp-contract=off: no implicit multiply-add fusion (GCC fuses by default in C++, nvcc too,
     # differently): the functors write fma_rn where they mean one, so the CPU and CUDA builds
-    # compute the same bits (csrc/include/fused_lm/optim_functors.h; cost measured in README).
+    # compute the same bits (csrc/include/fused_lm/optim.h; cost measured in README).
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-DFUSED_LM_CPU"]
     if os.environ.get("FUSED_LM_CPU_NATIVE", "1") == "1":
         cxx_flags.append("-march=native")  # built from source on the machine that runs it

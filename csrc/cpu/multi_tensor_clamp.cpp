@@ -1,7 +1,7 @@
 // multi_tensor_clamp_ on the CPU: x = min(max(x, lo), hi) over a TensorTable (ClampOp from
-// norm_functors.h, the functor the CUDA kernel runs). Schema: fused_lm/schemas.h.
+// multi_tensor_clamp.h, the functor the CUDA kernel runs). Schema: fused_lm/schemas.h.
 #include "fused_lm/cpu_multi_tensor.h"
-#include "fused_lm/norm_functors.h"
+#include "fused_lm/multi_tensor_clamp.h"
 #include "fused_lm/torch_utils.h"
 
 namespace {

@@ -1,7 +1,7 @@
 // multi_tensor_norm on the CPU: the same two passes and NormOp as csrc/cuda/multi_tensor_norm.cu.
 // Partials: an OpenMP loop over chunks, each reduced to one float32 (SIMD reduction for the sum
 // kinds). Finalise: one loop over the partials. Schemas: fused_lm/schemas.h.
-#include "fused_lm/norm_functors.h"
+#include "fused_lm/multi_tensor_norm.h"
 #include "fused_lm/tensor_table.h"
 #include "fused_lm/dtypes.h"
 #include "fused_lm/torch_utils.h"

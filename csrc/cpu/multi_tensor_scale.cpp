@@ -1,7 +1,7 @@
-// multi_tensor_scale_ on the CPU: x_i *= s over a TensorTable, ScaleOp from functors.h.
+// multi_tensor_scale_ on the CPU: x_i *= s over a TensorTable, ScaleOp from multi_tensor_scale.h.
 // Schema: fused_lm/schemas.h.
 #include "fused_lm/cpu_multi_tensor.h"
-#include "fused_lm/functors.h"
+#include "fused_lm/multi_tensor_scale.h"
 #include "fused_lm/torch_utils.h"
 
 namespace {

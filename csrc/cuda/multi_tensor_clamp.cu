@@ -1,8 +1,8 @@
 // multi_tensor_clamp_ on CUDA: x = min(max(x, lo), hi), one launch over a TensorTable
-// (ClampOp, norm_functors.h). Bytes moved: 2 * numel * sizeof(T) (read + write).
+// (ClampOp, multi_tensor_clamp.h). Bytes moved: 2 * numel * sizeof(T) (read + write).
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/norm_functors.h"
+#include "fused_lm/multi_tensor_clamp.h"
 
 namespace flm {
 

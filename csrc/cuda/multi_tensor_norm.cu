@@ -11,7 +11,7 @@
 // partials pass should run at the read bandwidth of the GPU.
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/norm_functors.h"
+#include "fused_lm/multi_tensor_norm.h"
 
 namespace flm {
 

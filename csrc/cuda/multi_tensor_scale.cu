@@ -1,8 +1,8 @@
-// multi_tensor_scale_ on CUDA: x_i *= s, one launch over a TensorTable (ScaleOp, functors.h).
-// Bytes moved: 2 * numel * sizeof(T) (read + write).
-#include "fused_lm/functors.h"
+// multi_tensor_scale_ on CUDA: x_i *= s, one launch over a TensorTable (ScaleOp,
+// multi_tensor_scale.h). Bytes moved: 2 * numel * sizeof(T) (read + write).
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
+#include "fused_lm/multi_tensor_scale.h"
 
 namespace flm {
 

@@ -1,9 +1,9 @@
-// Pieces shared by the optimizer .cu files (optim_adamw.cu, optim_lion.cu, optim_step.cu).
+// Pieces shared by the optimizer .cu files (adamw.cu, lion.cu, optim_step.cu).
 #pragma once
 #include <cuda_runtime.h>
 
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/optim_functors.h"
+#include "fused_lm/optim.h"
 
 namespace flm {
 

@@ -45,7 +45,7 @@ BUILD = ROOT / "build" / "emu"
 CXX = os.environ.get("CXX", "g++")
 RUNTIME_UNITS = ("csrc/emu/emu.cpp", "csrc/emu/shims.cpp")
 # object-size and pointer-overflow would triple the compile time of the optimizer kernels under
-# ASan (17 s -> 67 s for optim_adamw.cu); ASan covers out-of-object accesses.
+# ASan (17 s -> 67 s for adamw.cu); ASan covers out-of-object accesses.
 VARIANTS = {
     "default": ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"],
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize=object-size,pointer-overflow,vptr",

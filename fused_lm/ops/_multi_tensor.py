@@ -42,7 +42,7 @@ Triton kernels (the helpers at the bottom, shared by every multi-tensor kernel):
 * Numerics: ``LAUNCH_OPTIONS`` turns off the compiler's multiply-add contraction
   (``enable_fp_fusion=False``); the kernels write ``tl.fma`` where they mean one and use the
   IEEE-rounded ``div_rn``/``sqrt_rn``, so a GPU run computes what the interpreter and the C++
-  functors compute (csrc/include/fused_lm/optim_functors.h), bit for bit for the optimizers.
+  functors compute (csrc/include/fused_lm/adamw.h, lion.h), bit for bit for the optimizers.
 """
 
 from __future__ import annotations

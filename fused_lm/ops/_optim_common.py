@@ -10,10 +10,10 @@
   through the same table (indexed by the chunk's tensor index) for its bias corrections.
 * Per-chunk scalars in float64 (``pow_count``, ``one_minus_product``): the bias corrections
   1 - beta^t and the decay 1 - lr * wd are computed by the same float64 operations on every backend
-  (Triton here, the C++ functors in csrc/include/fused_lm/optim_functors.h), then rounded once.
+  (Triton here, the C++ functors through csrc/include/fused_lm/optim.h), then rounded once.
 * The counter-based random bits of stochastic rounding: ``fmix32`` (MurmurHash3's finaliser, a
   bijection on 32 bits with full avalanche) keyed by (seed, step, tensor index, element index), so
-  a resumed run draws the same bits (csrc/include/fused_lm/optim_functors.h has the C++ twin).
+  a resumed run draws the same bits (csrc/include/fused_lm/optim.h has the C++ twin).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ if triton is not None:
         # most 2^30: every float32 beta < 1 gives 1 - beta^(2^30) == 1 in float32; n = 0 below 1
         # and for NaN, which makes the update NaN, as torch's beta ** nan does), by squaring:
         # 31 float64 multiply steps per chunk, no libdevice (the interpreter has none), and the
-        # same multiplies in the same order as pow_count in optim_functors.h, so every backend
+        # same multiplies in the same order as pow_count in optim.h (C++), so every backend
         # gets the same bits. Why not exp2(t * log2(beta)) in float32: 1 - beta^t cancels
         # (beta2 = 0.999, t = 1: 1000x), and a GPU's lg2.approx has ~2^-22 absolute error, so the
         # bias correction would be off by ~1e-4 relative there and exact in the interpreter.

@@ -20,9 +20,9 @@ Bytes per element, fp32 params and state: read p, g, m, v (16) + write p, m, v (
 +8 with amsgrad; bf16 params with fp32 master and fp32 state: 2+2+4+4+4 read, 2+4+4+4 write = 30
 (the Triton kernel does not read p when a master copy exists: 28).
 
-Backends: Triton (below), CUDA C++ (csrc/cuda/optim.cu) and CPU C++ (csrc/cpu/optim.cpp) over
-the AdamWOp functor of csrc/include/fused_lm/optim_functors.h, and a torch path (any dtype or
-layout; float64 parameters compute in float64).
+Backends: Triton (below), CUDA C++ (csrc/cuda/adamw.cu) and CPU C++ (csrc/cpu/adamw.cpp) over
+the AdamWOp functor of csrc/include/fused_lm/adamw.h, and a torch path (any dtype or layout;
+float64 parameters compute in float64).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The kernel of ``clip_grad_value_`` on every backend over the same tensor table
 (ops/_multi_tensor.py):
 
 * Triton: one program per chunk of CHUNK elements, BLOCK elements per iteration.
-* CUDA C++: csrc/cuda/multi_tensor_clamp.cu (ClampOp of norm_functors.h over multi_tensor_apply.cuh).
+* CUDA C++: csrc/cuda/multi_tensor_clamp.cu (ClampOp of csrc/include/fused_lm/multi_tensor_clamp.h
+  over multi_tensor_apply.cuh).
 * CPU C++: csrc/cpu/multi_tensor_clamp.cpp (the same ClampOp under OpenMP).
 * torch: ``torch._foreach_clamp_min_`` then ``torch._foreach_clamp_max_`` (what torch's
   clip_grad_value_ runs: two passes).

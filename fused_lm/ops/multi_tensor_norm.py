@@ -22,8 +22,8 @@ which only the torch path handles). Several devices: each device's norm is moved
 tensor's device and combined there, as torch does. No host synchronisation anywhere.
 
 Bytes moved: numel * itemsize read + 4 bytes per chunk (the partials), i.e. the pass should run
-at the device's read bandwidth. Per-element math: csrc/include/fused_lm/norm_functors.h, shared by
-the CUDA and CPU kernels; the Triton kernel below writes the same formulas.
+at the device's read bandwidth. Per-element math: csrc/include/fused_lm/multi_tensor_norm.h,
+shared by the CUDA and CPU kernels; the Triton kernel below writes the same formulas.
 
 One entry point, ``multi_tensor_norm(tensors, norm_type, max_norm, *, process_group, backend)``,
 returns ``Norm(norm, coef, flag)``: every caller (get_total_norm, clip_grad_norm_, an optimizer's
@@ -64,7 +64,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
-# Reduction kinds, as in csrc/include/fused_lm/norm_functors.h (NormKind).
+# Reduction kinds, as in csrc/include/fused_lm/multi_tensor_norm.h (NormKind).
 SUM_ABS, SUM_SQ, SUM_POW, MAX_ABS, MIN_ABS = 0, 1, 2, 3, 4
 
 if triton is not None:

@@ -1,7 +1,8 @@
 // Multi-tensor apply for the CPU: the same TensorTable and the same elementwise Op as
 // multi_tensor_apply.cuh, driven by an OpenMP loop over chunks and a SIMD loop over elements.
-// Ops are written once (functors.h) and run here and on the GPU, so CI on a CPU machine
-// exercises the exact arithmetic of the CUDA kernels.
+// Ops are written once (in the header named after their family, e.g. multi_tensor_scale.h) and
+// run here and on the GPU, so CI on a CPU machine exercises the exact arithmetic of the CUDA
+// kernels.
 #pragma once
 #include <cstdint>
 #include <tuple>

@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "launch.h"
-#include "optim_functors.h"
+#include "optim.h"
 
 #ifndef FLM_LAUNCHER
 #define FLM_LAUNCHER
@@ -15,7 +15,8 @@
 
 namespace flm {
 
-// AdamW / Lion: the step increment, then the update of every tensor of the table (optim_*.cu).
+// AdamW / Lion: the step increment, then the update of every tensor of the table (adamw.cu,
+// lion.cu).
 FLM_LAUNCHER int launch_adamw(const LaunchTable& lt, DType param, DType state, bool amsgrad,
                               bool master, const OptimArgs& args);
 FLM_LAUNCHER int launch_lion(const LaunchTable& lt, DType param, DType state, bool amsgrad,

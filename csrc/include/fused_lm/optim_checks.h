@@ -1,5 +1,5 @@
-// Argument checks of the optimizer ops, shared by the CPU (csrc/cpu/optim.cpp) and CUDA
-// (csrc/cuda/optim_binding.cpp) bindings. Host compiler only (torch headers).
+// Argument checks of the optimizer ops, shared by the CPU (csrc/cpu/optim.h) and CUDA
+// (csrc/cuda/optim_binding.h) bindings of adamw and lion. Host compiler only (torch headers).
 //
 // The ops take no tensor lists: the kernels read every address from the tensor table, which the
 // Python engine builds from lists it has already validated (fused_lm/optim/_base.py: equal
@@ -8,7 +8,8 @@
 // and that the (param, state) dtypes and list count are ones the kernels implement.
 #pragma once
 
-#include "fused_lm/optim_functors.h"
+#include "fused_lm/lists.h"
+#include "fused_lm/optim.h"
 #include "fused_lm/torch_utils.h"
 
 namespace flm {

@@ -20,7 +20,7 @@ inline constexpr const char* kSchemas[] = {
     // x = clamp(x, lo, hi) for every tensor (all of `dtype`) of the table.
     "multi_tensor_clamp_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
     "float lo, float hi, int stream) -> ()",
-    // kind: 0 sum|x|, 1 sum x^2, 2 sum|x|^p, 3 max|x|, 4 min|x| (norm_functors.h): one partial
+    // kind: 0 sum|x|, 1 sum x^2, 2 sum|x|^p, 3 max|x|, 4 min|x| (multi_tensor_norm.h): one partial
     // per chunk, then the finalise writes out = [norm, clip coefficient, non-finite flag].
     "multi_tensor_norm_partials_(Tensor table, Tensor chunks, int chunk_size, ScalarType dtype, "
     "Tensor(a!) partials, int kind, float p, int stream) -> ()",

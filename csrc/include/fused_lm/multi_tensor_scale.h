@@ -1,6 +1,7 @@
-// Elementwise multi-tensor functors of the foundation, shared by the CUDA and CPU backends.
-// Each one follows the Op protocol documented in multi_tensor_apply.cuh. Op families keep their
-// functors in their own header (optim_functors.h, norm_functors.h) so TUs stay small.
+// The multi_tensor_scale family's functor (ScaleOp), shared by the CUDA kernel
+// (csrc/cuda/multi_tensor_scale.cu) and the CPU kernel (csrc/cpu/multi_tensor_scale.cpp). It
+// follows the Op protocol documented in multi_tensor_apply.cuh. Every op family keeps its functors
+// in the header named after it (<family>.h here), so a TU includes only what it runs.
 #pragma once
 #include <cstdint>
 

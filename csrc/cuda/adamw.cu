@@ -1,20 +1,20 @@
-// Lion on CUDA: the step-increment kernel, then one multi_tensor_apply launch of LionOp
-// (optim_functors.h, shared with the CPU kernels) over every chunk of every tensor of a bucket.
-// Bytes per element (fp32 params and state): 12 read + 8 written = 20.
+// AdamW on CUDA: the step-increment kernel, then one multi_tensor_apply launch of AdamWOp
+// (fused_lm/adamw.h, shared with the CPU kernel) over every chunk of every tensor of a bucket.
+// Bytes per element (fp32 params and state): 16 read + 12 written = 28.
+#include "fused_lm/adamw.h"
 #include "fused_lm/launchers.h"
 #include "fused_lm/multi_tensor_apply.cuh"
-#include "fused_lm/optim_functors.h"
 #include "optim_common.cuh"
 
 namespace flm {
 
-int launch_lion(const LaunchTable& lt, DType param, DType state, bool amsgrad, bool master,
+int launch_adamw(const LaunchTable& lt, DType param, DType state, bool amsgrad, bool master,
                  const OptimArgs& args) {
   auto stream = static_cast<cudaStream_t>(lt.stream);
   cudaError_t err = launch_step_increment(args, stream);
   if (err != cudaSuccess) return err;
   const TensorTable tt{lt.table, lt.chunks, lt.lists, lt.chunk_size};
-  const bool ok = optim_dispatch<LionFamily>(param, state, amsgrad, master, [&](auto tag) {
+  const bool ok = optim_dispatch<AdamWFamily>(param, state, amsgrad, master, [&](auto tag) {
     using Tag = decltype(tag);
     err = apply_lists(tt, lt.n_chunks, typename Tag::Op{args}, stream, typename Tag::Lists{});
   });

@@ -1,9 +1,12 @@
-// AdamW and Lion on the CPU: the AdamWOp / LionOp functors of optim_functors.h (the very code the
-// CUDA kernels run) under cpu_multi_tensor_apply (OpenMP over chunks, SIMD over elements).
-// Schemas: fused_lm/schemas.h. One call = the step increment of every tensor + the update of every tensor.
+// The CPU runner shared by the adamw and lion ops (csrc/cpu/adamw.cpp, lion.cpp): their functors
+// (AdamWOp, LionOp: the very code the CUDA kernels run) under cpu_multi_tensor_apply (OpenMP over
+// chunks, SIMD over elements). One call = the step increment of every tensor + the update of
+// every tensor. Internal linkage (an unnamed namespace): each op's TU instantiates only its own
+// family's runner, and _C exports no symbol for it.
+#pragma once
 #include "fused_lm/cpu_multi_tensor.h"
+#include "fused_lm/optim.h"
 #include "fused_lm/optim_checks.h"
-#include "fused_lm/optim_functors.h"
 
 namespace {
 
@@ -47,30 +50,4 @@ void run_cpu(const char* name, bool adamw, const at::Tensor& table, const at::Te
               "params only)");
 }
 
-void adamw_cpu(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
-               const at::Tensor& step_table, const at::Tensor& hp, const at::Tensor& grad_mult,
-               const at::Tensor& skip, int64_t n_lists, c10::ScalarType param_dtype,
-               c10::ScalarType state_dtype, bool amsgrad, bool master, bool sr, int64_t seed,
-               int64_t /*stream*/) {
-  run_cpu<flm::AdamWFamily>("multi_tensor_adamw_", true, table, chunks, chunk_size, step_table,
-                            hp, grad_mult, skip, n_lists, param_dtype, state_dtype, amsgrad,
-                            master, sr, seed);
-}
-
-void lion_cpu(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
-              const at::Tensor& step_table, const at::Tensor& hp, const at::Tensor& grad_mult,
-              const at::Tensor& skip, int64_t n_lists, c10::ScalarType param_dtype,
-              c10::ScalarType state_dtype, bool master, bool sr, int64_t seed,
-              int64_t /*stream*/) {
-  run_cpu<flm::LionFamily>("multi_tensor_lion_", false, table, chunks, chunk_size, step_table,
-                           hp, grad_mult, skip, n_lists, param_dtype, state_dtype, false, master,
-                           sr, seed);
-}
-
 }  // namespace
-
-
-TORCH_LIBRARY_IMPL(fused_lm, CPU, m) {
-  m.impl("multi_tensor_adamw_", &adamw_cpu);
-  m.impl("multi_tensor_lion_", &lion_cpu);
-}

@@ -1,6 +1,9 @@
 // CUDA implementations of fused_lm::multi_tensor_adamw_ / multi_tensor_lion_ (schemas in
-// fused_lm/schemas.h; they take the tables, not tensor lists). The kernels live in optim_*.cu,
-// compiled without torch headers.
+// fused_lm/schemas.h; they take the tables, not tensor lists): the part both share. Each op's
+// binding (adamw_binding.cpp, lion_binding.cpp) calls run_cuda with its launcher (adamw.cu,
+// lion.cu, compiled without torch headers). Internal linkage (an unnamed namespace): _C_cuda
+// exports no symbol for it.
+#pragma once
 #include "fused_lm/launchers.h"
 #include "fused_lm/optim_checks.h"
 
@@ -28,28 +31,4 @@ void run_cuda(const char* name, bool adamw, Launcher launch, const at::Tensor& t
               " with state ", state_dtype, ": ", flm::cuda_error_string(err));
 }
 
-void adamw_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
-                const at::Tensor& step_table, const at::Tensor& hp, const at::Tensor& grad_mult,
-                const at::Tensor& skip, int64_t n_lists, c10::ScalarType param_dtype,
-                c10::ScalarType state_dtype, bool amsgrad, bool master, bool sr, int64_t seed,
-                int64_t stream) {
-  run_cuda("multi_tensor_adamw_", true, &flm::launch_adamw, table, chunks, chunk_size,
-           step_table, hp, grad_mult, skip, n_lists, param_dtype, state_dtype, amsgrad, master,
-           sr, seed, stream);
-}
-
-void lion_cuda(const at::Tensor& table, const at::Tensor& chunks, int64_t chunk_size,
-               const at::Tensor& step_table, const at::Tensor& hp, const at::Tensor& grad_mult,
-               const at::Tensor& skip, int64_t n_lists, c10::ScalarType param_dtype,
-               c10::ScalarType state_dtype, bool master, bool sr, int64_t seed, int64_t stream) {
-  run_cuda("multi_tensor_lion_", false, &flm::launch_lion, table, chunks, chunk_size, step_table,
-           hp, grad_mult, skip, n_lists, param_dtype, state_dtype, false, master, sr, seed,
-           stream);
-}
-
 }  // namespace
-
-TORCH_LIBRARY_IMPL(fused_lm, CUDA, m) {
-  m.impl("multi_tensor_adamw_", &adamw_cuda);
-  m.impl("multi_tensor_lion_", &lion_cuda);
-}

@@ -1,6 +1,6 @@
-// Per-element math of the multi-tensor norm and clamp ops, shared by the CUDA kernels
-// (csrc/cuda/multi_tensor_norm.cu, multi_tensor_clamp.cu) and the CPU kernels (csrc/cpu/...), so
-// CI on a CPU runs the arithmetic of the GPU.
+// Per-element math of the multi_tensor_norm family, shared by the CUDA kernels
+// (csrc/cuda/multi_tensor_norm.cu) and the CPU kernels (csrc/cpu/multi_tensor_norm.cpp), so CI on
+// a CPU runs the arithmetic of the GPU.
 //
 // The global p-norm of tensors x_1..x_n, viewed as one vector, is
 //
@@ -84,25 +84,5 @@ FLM_HD float clip_coefficient(float norm, float max_norm) {
 // 1 when the norm is NaN or +-inf, else 0: the "skip this step" flag of an optimizer step with
 // max_grad_norm (as GradScaler's found_inf). x - x is NaN exactly for NaN and infinities.
 FLM_HD float nonfinite_flag(float norm) { return (norm - norm == 0.0f) ? 0.0f : 1.0f; }
-
-// clip_grad_value_: x = clamp_max(clamp_min(x, lo), hi) in that order (torch's foreach order, so
-// lo > hi gives hi everywhere, as torch does); NaN stays NaN.
-struct ClampOp {
-  static constexpr int kLists = 1;
-  static constexpr unsigned kWriteMask = 1u;
-  float lo;
-  float hi;
-
-  struct Ctx {
-    bool skip;
-  };
-  FLM_HD Ctx context(const ChunkView& /*c*/) const { return Ctx{false}; }
-  FLM_HD void operator()(const Ctx& /*ctx*/, float* v, int64_t /*index*/) const {
-    float x = v[0];
-    x = x < lo ? lo : x;
-    x = x > hi ? hi : x;
-    v[0] = x;
-  }
-};
 
 }  // namespace flm
