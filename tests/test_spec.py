@@ -117,3 +117,43 @@ def test_launch_offsets_reject_a_table_of_another_variant():
     assert spec.launch_offsets(6, amsgrad=True, master=True)["MASTERS_ROW"] == 5
     with pytest.raises(ValueError, match="the table has 5 lists"):
         spec.launch_offsets(5, amsgrad=True, master=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# One stem per family: a reader finds a family's launcher, reference, tests, benchmark and C++
+# sources by its name (SPEC.name). docs/ARCHITECTURE.md has the table.
+
+ROOT = _spec.HEADER.parents[3]   # csrc/include/fused_lm/lists.h -> the repository root
+
+
+@pytest.mark.parametrize("name", list(_backend.OPS))
+def test_family_files_share_its_name(name):
+    spec = _backend.OPS[name]
+    ops = ROOT / "fused_lm" / "ops"
+    assert (ops / f"{name}.py").is_file() or (ops / name / "__init__.py").is_file()
+    assert spec.reference.split(":")[0] == f"fused_lm.reference.{name}", spec.reference
+    assert list(ROOT.glob(f"tests/*/test_{name}.py")), f"no tests/<area>/test_{name}.py"
+    assert (ROOT / "bench" / f"bench_{name}.py").is_file()
+    missing = []
+    if "cpu" in spec.backends:
+        missing += [p for p in (f"csrc/cpu/{name}.cpp",) if not (ROOT / p).is_file()]
+    if "cuda" in spec.backends:
+        missing += [p for p in (f"csrc/cuda/{name}.cu", f"csrc/cuda/{name}_binding.cpp")
+                    if not (ROOT / p).is_file()]
+    if {"cpu", "cuda"} & set(spec.backends):
+        missing += [p for p in (f"csrc/include/fused_lm/{name}.h",) if not (ROOT / p).is_file()]
+    assert not missing, f"{name}: C++ sources not named after the family: {missing}"
+
+
+def test_benchmark_families_are_the_op_families():
+    """bench/run.py runs one family per op family (named as its SPEC, its rows labelled so) plus
+    the end-to-end transformers step; the earlier names expand to the families they became."""
+    from bench import run
+
+    assert set(run.FAMILIES) == set(_backend.OPS) | {"transformers"}
+    assert {p.stem[len("bench_"):] for p in (ROOT / "bench").glob("bench_*.py")} == set(run.FAMILIES)
+    for name in _backend.OPS:
+        labels = {case.family for case in run.load_family(name).cases(torch.device("cpu"), True)}
+        assert labels == {name}, f"bench_{name}.py labels its rows {labels}"
+    assert run.expand_families(["optim", "clip", "multi_tensor", "adamw"]) == [
+        "adamw", "lion", "multi_tensor_norm", "multi_tensor_scale", "multi_tensor_clamp"]
