@@ -1,7 +1,7 @@
 // multi_tensor_adamw_ on the CPU: AdamWOp (fused_lm/adamw.h, the very code the CUDA kernel runs)
 // under the optimizer runner shared with lion (optim.h). Schema: fused_lm/schemas.h.
 #include "fused_lm/adamw.h"
-#include "optim.h"
+#include "optim_runner.h"
 
 namespace {
 

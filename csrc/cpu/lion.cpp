@@ -1,7 +1,7 @@
 // multi_tensor_lion_ on the CPU: LionOp (fused_lm/lion.h, the very code the CUDA kernel runs)
 // under the optimizer runner shared with adamw (optim.h). Schema: fused_lm/schemas.h.
 #include "fused_lm/lion.h"
-#include "optim.h"
+#include "optim_runner.h"
 
 namespace {
 

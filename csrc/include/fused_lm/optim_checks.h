@@ -1,4 +1,4 @@
-// Argument checks of the optimizer ops, shared by the CPU (csrc/cpu/optim.h) and CUDA
+// Argument checks of the optimizer ops, shared by the CPU (csrc/cpu/optim_runner.h) and CUDA
 // (csrc/cuda/optim_binding.h) bindings of adamw and lion. Host compiler only (torch headers).
 //
 // The ops take no tensor lists: the kernels read every address from the tensor table, which the
